@@ -1,0 +1,414 @@
+"""The lock table: every grant, queue and deny decision, with no I/O and no clock of its own.
+
+Theory of operation. A *resource* is a (namespace, name) pair with up to ``limit``
+holders and a FIFO queue of waiters. Every method takes ``now``, a reading of the
+store's monotonic clock, so the table is a pure function of its state, the event and
+that reading; the memory and file backends wrap it with futures and persistence.
+
+Rules (each one is a contract item of docs/architecture.md):
+
+* A hold whose ``expires <= now`` is gone; every method first drops such holds of the
+  resource it touches (``_expire``), so expiry is decided by the store's clock only.
+* Reentrancy: an owner that already holds gets the same token and ``count + 1`` at once,
+  even with waiters queued (queueing behind yourself would deadlock). Its expiry never
+  moves earlier.
+* A new owner is granted only when a slot is free *and* nobody is queued: arrivals never
+  barge past waiters (FIFO). Otherwise it is denied, and the caller may ``enqueue``.
+* Whenever a slot frees (release, expiry, force-release, a waiter leaving), queued
+  waiters are granted in order, inside the same step (``_promote``). The grants are
+  returned to the caller as *handoffs* to deliver.
+* Tokens come from one counter for the whole table, so each new grant of a name gets a
+  token strictly greater than every earlier grant of that name. Reentrant grants reuse
+  the holder's token.
+* Release and extend match on owner and, when given, token. When no hold matches, the
+  error says why: ``Revoked`` if an administrator took that token, ``LockLost`` if the
+  token was issued here before (so the hold ended), else ``NotHeld``. Nothing changes.
+* A request id makes a retried acquire or release apply once: the first outcome is
+  remembered (bounded) and answered again.
+* A resource with a holder or waiter keeps its ``limit``; asking with another limit is
+  refused. A resource with neither is forgotten.
+
+Every change to holds, the counter, revocations and remembered requests is noted as
+dirty so the file backend can persist exactly that before it answers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from lockd.errors import InvalidRequest, LockLost, NotHeld, Revoked
+from lockd.model import Grant, HolderInfo, ResourceInfo, WaiterInfo
+
+__all__ = ["Changes", "Hold", "LockTable", "Waiter"]
+
+Key = tuple[str, str]
+"""(namespace, name)"""
+HoldKey = tuple[str, str, str]
+"""(namespace, name, owner)"""
+RequestKey = tuple[str, str, str, str, str]
+"""(operation, namespace, name, owner, request id)"""
+
+W = TypeVar("W")
+
+MAX_REMEMBERED_REQUESTS = 100_000
+MAX_REMEMBERED_REVOCATIONS = 10_000
+
+
+@dataclass(slots=True)
+class Hold:
+    """One owner's hold on a resource."""
+
+    owner: str
+    token: int
+    count: int
+    ttl: float
+    limit: int
+    granted: float
+    """Store clock reading when the hold began (or when it was restored)."""
+    expires: float
+    acquired_at: float
+    """Wall-clock time of the grant, for display only."""
+
+
+@dataclass(slots=True, eq=False)
+class Waiter(Generic[W]):
+    """A queued acquirer. ``wake`` is the backend's own handle (a future)."""
+
+    key: Key
+    owner: str
+    ttl: float
+    enqueued: float
+    wake: W
+    request_id: str | None = None
+    acquired_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Resource(Generic[W]):
+    limit: int
+    holds: dict[str, Hold] = field(default_factory=dict)
+    waiters: list[Waiter[W]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Changes:
+    """What changed since the last ``take_changes``: the file backend persists it."""
+
+    holds: dict[HoldKey, Hold | None]
+    last_token: int | None
+    revoked: list[int]
+    requests: list[tuple[RequestKey, int]]
+
+    def __bool__(self) -> bool:
+        return bool(self.holds or self.last_token is not None or self.revoked or self.requests)
+
+
+class LockTable(Generic[W]):
+    """All resources of one store, and the rules above."""
+
+    def __init__(self) -> None:
+        self._resources: dict[Key, _Resource[W]] = {}
+        self.last_token = 0
+        self._revoked: OrderedDict[int, None] = OrderedDict()
+        self._requests: OrderedDict[RequestKey, int] = OrderedDict()
+        self._dirty_holds: dict[HoldKey, Hold | None] = {}
+        self._dirty_token = False
+        self._new_revoked: list[int] = []
+        self._new_requests: list[tuple[RequestKey, int]] = []
+
+    # --- operations -------------------------------------------------------------------
+
+    def acquire(
+        self,
+        key: Key,
+        owner: str,
+        ttl: float,
+        limit: int,
+        now: float,
+        wall: float,
+        request_id: str | None = None,
+    ) -> Grant | None:
+        """Grant at once if the rules allow, else return None (the caller may enqueue)."""
+        remembered = self._remembered(("acquire", *key, owner, request_id or ""))
+        res = self._resources.get(key)
+        if res is not None:
+            self._expire(key, res, now)
+        if remembered is not None:
+            hold = res.holds.get(owner) if res is not None else None
+            if hold is None or hold.token != remembered:
+                raise LockLost(
+                    "this request was granted before, and that hold has ended",
+                    name=key[1], owner=owner, token=remembered,
+                )  # fmt: skip
+            return self._grant_of(key, hold, now, waited=0.0)
+        if res is None or not (res.holds or res.waiters):
+            res = self._resources[key] = _Resource(limit)
+        elif res.limit != limit:
+            raise InvalidRequest(
+                f"{key[1]!r} is held with limit {res.limit}; this request asks for limit {limit}",
+                name=key[1], owner=owner,
+            )  # fmt: skip
+        hold = res.holds.get(owner)
+        if hold is not None:
+            hold.count += 1
+            hold.ttl = ttl
+            hold.expires = max(hold.expires, now + ttl)
+            self._dirty_holds[(*key, owner)] = hold
+        elif len(res.holds) < res.limit and not res.waiters:
+            hold = self._new_hold(key, res, owner, ttl, now, wall)
+        else:
+            return None
+        self._remember(("acquire", *key, owner, request_id or ""), hold.token, request_id)
+        return self._grant_of(key, hold, now, waited=0.0)
+
+    def enqueue(self, waiter: Waiter[W]) -> Waiter[W] | None:
+        """Queue a denied acquirer; returns a waiter it replaces (same owner and request id)."""
+        key = waiter.key
+        res = self._resources.get(key)
+        if res is None:
+            raise InvalidRequest("enqueue without a denied acquire", name=key[1])
+        if waiter.request_id is not None:
+            for i, queued in enumerate(res.waiters):
+                if queued.owner == waiter.owner and queued.request_id == waiter.request_id:
+                    res.waiters[i] = waiter  # a retry keeps the original's place
+                    return queued
+        res.waiters.append(waiter)
+        return None
+
+    def dequeue(self, waiter: Waiter[W], now: float) -> list[tuple[Waiter[W], Grant]]:
+        """Remove a waiter that gave up; returns handoffs its leaving made possible."""
+        key = waiter.key
+        res = self._resources.get(key)
+        if res is None or waiter not in res.waiters:
+            return []
+        res.waiters.remove(waiter)
+        return self._settle(key, res, now)
+
+    def release(
+        self,
+        key: Key,
+        owner: str,
+        token: int | None,
+        now: float,
+        request_id: str | None = None,
+    ) -> tuple[int, list[tuple[Waiter[W], Grant]]]:
+        """Drop one count of the owner's hold; returns (count left, handoffs)."""
+        remembered = self._remembered(("release", *key, owner, request_id or ""))
+        if remembered is not None:
+            return remembered, []
+        res, hold = self._find(key, owner, token, now)
+        hold.count -= 1
+        if hold.count == 0:
+            del res.holds[owner]
+            self._dirty_holds[(*key, owner)] = None
+        else:
+            self._dirty_holds[(*key, owner)] = hold
+        self._remember(("release", *key, owner, request_id or ""), hold.count, request_id)
+        return hold.count, self._settle(key, res, now)
+
+    def extend(self, key: Key, owner: str, token: int | None, ttl: float, now: float) -> Grant:
+        """Make the owner's hold last ``ttl`` from now."""
+        res, hold = self._find(key, owner, token, now)
+        del res
+        hold.ttl = ttl
+        hold.expires = now + ttl
+        self._dirty_holds[(*key, owner)] = hold
+        return self._grant_of(key, hold, now, waited=0.0)
+
+    def force_release(
+        self, key: Key, owner: str | None, now: float
+    ) -> tuple[list[Hold], list[tuple[Waiter[W], Grant]]]:
+        """Evict every holder (or one owner); their tokens are recorded as revoked."""
+        res = self._resources.get(key)
+        if res is None:
+            return [], []
+        self._expire(key, res, now)
+        evicted = [h for h in res.holds.values() if owner is None or h.owner == owner]
+        for hold in evicted:
+            del res.holds[hold.owner]
+            self._dirty_holds[(*key, hold.owner)] = None
+            self._revoked[hold.token] = None
+            self._new_revoked.append(hold.token)
+        while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
+            self._revoked.popitem(last=False)
+        return evicted, self._settle(key, res, now)
+
+    def expire(self, now: float) -> list[tuple[Waiter[W], Grant]]:
+        """Drop every hold past its ttl, across the table; returns the handoffs."""
+        handoffs: list[tuple[Waiter[W], Grant]] = []
+        for key, res in list(self._resources.items()):
+            if self._expire(key, res, now):
+                handoffs += self._settle(key, res, now)
+            elif not (res.holds or res.waiters):
+                del self._resources[key]
+        return handoffs
+
+    # --- reading ----------------------------------------------------------------------
+
+    def inspect(self, key: Key, now: float, wall: float) -> ResourceInfo:
+        """Holders, waiters and the last token issued by this table."""
+        del wall
+        res = self._resources.get(key)
+        if res is None:
+            return ResourceInfo(name=key[1], namespace=key[0], limit=1, last_token=self.last_token)
+        self._expire(key, res, now)
+        holders = tuple(
+            HolderInfo(
+                owner=h.owner,
+                token=h.token,
+                count=h.count,
+                ttl_left=max(0.0, h.expires - now),
+                held_for=max(0.0, now - h.granted),
+                acquired_at=h.acquired_at,
+            )
+            for h in sorted(res.holds.values(), key=lambda h: h.token)
+        )
+        waiters = tuple(WaiterInfo(owner=w.owner, waited=now - w.enqueued) for w in res.waiters)
+        return ResourceInfo(
+            name=key[1],
+            namespace=key[0],
+            limit=res.limit,
+            holders=holders,
+            waiters=waiters,
+            last_token=self.last_token,
+        )
+
+    def names(self, namespace: str, prefix: str, now: float) -> list[str]:
+        """Names in a namespace with a holder or waiter, sorted."""
+        self.expire(now)
+        return sorted(
+            name
+            for (ns, name), res in self._resources.items()
+            if ns == namespace and name.startswith(prefix) and (res.holds or res.waiters)
+        )
+
+    def next_expiry(self, key: Key) -> float | None:
+        """When the earliest hold of a resource with waiters expires (for a wake-up timer)."""
+        res = self._resources.get(key)
+        if res is None or not res.waiters or not res.holds:
+            return None
+        return min(h.expires for h in res.holds.values())
+
+    def waiting_keys(self) -> list[Key]:
+        """Resources that have waiters."""
+        return [key for key, res in self._resources.items() if res.waiters]
+
+    # --- persistence ------------------------------------------------------------------
+
+    def take_changes(self) -> Changes:
+        """Return and clear what changed since the last call."""
+        changes = Changes(
+            holds=self._dirty_holds,
+            last_token=self.last_token if self._dirty_token else None,
+            revoked=self._new_revoked,
+            requests=self._new_requests,
+        )
+        self._dirty_holds, self._dirty_token = {}, False
+        self._new_revoked, self._new_requests = [], []
+        return changes
+
+    def restore(
+        self,
+        holds: list[tuple[Key, Hold]],
+        last_token: int,
+        revoked: list[int],
+        requests: list[tuple[RequestKey, int]],
+        now: float,
+    ) -> None:
+        """Load persisted state after a restart. Every hold gets its full ttl from ``now``:
+
+        that never shortens a hold (safety) and still ends it within its ttl (liveness).
+        """
+        self.last_token = max(self.last_token, last_token)
+        for key, hold in holds:
+            hold.granted = now
+            hold.expires = now + hold.ttl
+            res = self._resources.setdefault(key, _Resource(hold.limit))
+            res.holds[hold.owner] = hold
+        for token in revoked:
+            self._revoked[token] = None
+        for request_key, value in requests:
+            self._requests[request_key] = value
+
+    # --- internals --------------------------------------------------------------------
+
+    def _find(
+        self, key: Key, owner: str, token: int | None, now: float
+    ) -> tuple[_Resource[W], Hold]:
+        res = self._resources.get(key)
+        if res is not None:
+            self._expire(key, res, now)
+            hold = res.holds.get(owner)
+            if hold is not None and (token is None or hold.token == token):
+                return res, hold
+        name = key[1]
+        if token is not None and token in self._revoked:
+            raise Revoked("the hold was force-released", name=name, owner=owner, token=token)
+        if token is not None and 0 < token <= self.last_token:
+            raise LockLost("the hold has ended", name=name, owner=owner, token=token)
+        raise NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
+
+    def _new_hold(
+        self, key: Key, res: _Resource[W], owner: str, ttl: float, now: float, wall: float
+    ) -> Hold:
+        self.last_token += 1
+        self._dirty_token = True
+        hold = Hold(owner, self.last_token, 1, ttl, res.limit, now, now + ttl, wall)
+        res.holds[owner] = hold
+        self._dirty_holds[(*key, owner)] = hold
+        return hold
+
+    def _expire(self, key: Key, res: _Resource[W], now: float) -> bool:
+        gone = [owner for owner, hold in res.holds.items() if hold.expires <= now]
+        for owner in gone:
+            del res.holds[owner]
+            self._dirty_holds[(*key, owner)] = None
+        return bool(gone)
+
+    def _settle(self, key: Key, res: _Resource[W], now: float) -> list[tuple[Waiter[W], Grant]]:
+        """Grant queued waiters in order while slots are free; forget an idle resource."""
+        handoffs: list[tuple[Waiter[W], Grant]] = []
+        while res.waiters:
+            head = res.waiters[0]
+            hold = res.holds.get(head.owner)
+            if hold is None and len(res.holds) >= res.limit:
+                break
+            res.waiters.pop(0)
+            if hold is not None:
+                hold.count += 1
+                hold.expires = max(hold.expires, now + head.ttl)
+                self._dirty_holds[(*key, head.owner)] = hold
+            else:
+                hold = self._new_hold(key, res, head.owner, head.ttl, now, head.acquired_at)
+            self._remember(
+                ("acquire", *key, head.owner, head.request_id or ""), hold.token, head.request_id
+            )
+            handoffs.append((head, self._grant_of(key, hold, now, waited=now - head.enqueued)))
+        if not (res.holds or res.waiters):
+            self._resources.pop(key, None)
+        return handoffs
+
+    def _grant_of(self, key: Key, hold: Hold, now: float, waited: float) -> Grant:
+        return Grant(
+            name=key[1],
+            owner=hold.owner,
+            token=hold.token,
+            count=hold.count,
+            ttl=max(0.0, hold.expires - now),
+            waited=waited,
+        )
+
+    def _remembered(self, request_key: RequestKey) -> int | None:
+        if not request_key[-1]:
+            return None
+        return self._requests.get(request_key)
+
+    def _remember(self, request_key: RequestKey, value: int, request_id: str | None) -> None:
+        if request_id is None:
+            return
+        self._requests[request_key] = value
+        self._new_requests.append((request_key, value))
+        while len(self._requests) > MAX_REMEMBERED_REQUESTS:
+            self._requests.popitem(last=False)

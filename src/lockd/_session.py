@@ -1,0 +1,304 @@
+"""A client's holds and their watchdog. Everything here runs on the I/O loop.
+
+Theory of operation. Each (name, owner) this client holds has one :class:`HoldState`:
+its token, reentrant count, state and a *local deadline*: the latest moment, on this
+process's ``time.monotonic()``, by which the store is sure to still count the hold.
+The deadline is measured from before the request that set it was sent (plus the time
+the store says the request waited in its queue), less a drift margin, so the SDK never
+believes in a hold the store has already dropped. No wall clock is used.
+
+The watchdog renews at about ttl/3. A failed renewal moves the hold to ``at_risk`` and
+is retried with backoff until the local deadline; then the hold is ``lost``. A store
+answer that the hold is gone ends it at once (``lost``, or ``revoked`` after a
+force-release). Ending sets the ``lost`` event and calls the listeners; the next
+acquire, extend or release of that hold raises. Release stops renewal before it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from lockd.backends import Backend
+from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked
+from lockd.model import Grant, LockState
+
+__all__ = ["HoldState", "Session"]
+
+log = logging.getLogger("lockd")
+
+RENEW_FRACTION = 1 / 3
+"""Renew when this fraction of the ttl has passed."""
+DRIFT = 0.01
+"""Fraction of a duration by which the store's clock may run differently from ours."""
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+
+Listener = Callable[["HoldState"], None]
+_ENDED = (LockState.LOST, LockState.REVOKED, LockState.RELEASED)
+
+
+class HoldState:
+    """The SDK's view of one owner's hold on one name (readable from any thread)."""
+
+    def __init__(self, name: str, owner: str, ttl: float, grant: Grant, anchor: float) -> None:
+        self.name = name
+        self.owner = owner
+        self.ttl = ttl
+        self.token = grant.token
+        self.count = grant.count
+        self.state = LockState.HELD
+        self.reason = ""
+        self.lost = threading.Event()
+        self.listeners: list[Listener] = []
+        self.renew = True
+        self.renewer: asyncio.Task[None] | None = None
+        self.deadline = 0.0
+        self.renew_at = 0.0
+        self.lease(anchor, grant.ttl)
+
+    def lease(self, anchor: float, ttl_left: float) -> None:
+        """Record that the store granted ``ttl_left`` seconds as of ``anchor``."""
+        self.deadline = max(self.deadline, anchor + ttl_left * (1 - DRIFT))
+        self.renew_at = anchor + self.ttl * RENEW_FRACTION
+
+    @property
+    def ended(self) -> bool:
+        """True once lost, revoked or released."""
+        return self.state in _ENDED
+
+    def error(self) -> NotHeld:
+        """The error the next operation on an ended hold raises."""
+        cls = Revoked if self.state is LockState.REVOKED else LockLost
+        return cls(f"{self.name!r} was {self.state.value}: {self.reason}",
+                   name=self.name, owner=self.owner, token=self.token)  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (
+            f"<HoldState {self.name!r} owner={self.owner!r} token={self.token} {self.state.value}>"
+        )
+
+
+class Session:
+    """Acquire, extend and release through one backend, and keep the holds alive."""
+
+    def __init__(self, backend: Backend, namespace: str) -> None:
+        self.backend = backend
+        self.namespace = namespace
+        self._holds: dict[tuple[str, str], HoldState] = {}
+        self._guard = threading.Lock()  # the dict is read from callers' threads
+
+    def hold(self, name: str, owner: str) -> HoldState | None:
+        """The current hold state of (name, owner), if this session knows one."""
+        with self._guard:
+            return self._holds.get((name, owner))
+
+    def holds(self) -> list[HoldState]:
+        """Every hold this session knows."""
+        with self._guard:
+            return list(self._holds.values())
+
+    async def acquire(
+        self,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        renew: bool,
+        listener: Listener | None,
+    ) -> HoldState:
+        """Acquire (or re-enter) and start the watchdog."""
+        known = self.hold(name, owner)
+        if known is not None and known.ended:
+            raise known.error()
+        sent = time.monotonic()
+        grant = await self.backend.acquire(
+            self.namespace, name, owner, ttl=ttl, wait=wait, limit=limit,
+            request_id=uuid.uuid4().hex,
+        )  # fmt: skip
+        # No await below: a cancellation must not land between the grant and its record.
+        anchor = sent + grant.waited * (1 - DRIFT)
+        if known is not None and known.token == grant.token and not known.ended:
+            known.count = grant.count
+            known.ttl = ttl
+            known.lease(anchor, grant.ttl)
+            hold = known
+        else:
+            hold = HoldState(name, owner, ttl, grant, anchor)
+            hold.renew = renew
+            with self._guard:
+                self._holds[(name, owner)] = hold
+            hold.renewer = asyncio.get_running_loop().create_task(self._watch(hold))
+        if listener is not None and listener not in hold.listeners:
+            hold.listeners.append(listener)
+        return hold
+
+    async def release(self, name: str, owner: str) -> int:
+        """Release one count; returns the count left. Ended holds raise their error."""
+        hold = self.hold(name, owner)
+        if hold is not None and hold.ended:
+            hold.count -= 1
+            if hold.count <= 0:
+                self._forget(hold)
+            raise hold.error()
+        if hold is not None and hold.count <= 1:
+            await self._stop_renewal(hold)  # renewal stops before the release is sent
+        token = hold.token if hold is not None else None
+        request_id = uuid.uuid4().hex
+        try:
+            left = await self._retrying(
+                lambda: self.backend.release(self.namespace, name, owner, token, request_id),
+                hold.deadline if hold is not None else time.monotonic() + RETRY_MAX,
+            )
+        except NotHeld as exc:
+            if hold is not None:
+                self._end(hold, LockState.REVOKED if isinstance(exc, Revoked) else LockState.LOST,
+                          exc.message)  # fmt: skip
+                self._forget(hold)
+            raise
+        if hold is not None:
+            hold.count = left
+            if left == 0:
+                hold.state = LockState.RELEASED
+                self._forget(hold)
+            elif hold.renewer is None or hold.renewer.done():
+                hold.renewer = asyncio.get_running_loop().create_task(self._watch(hold))
+        return left
+
+    async def extend(self, name: str, owner: str, ttl: float) -> HoldState | None:
+        """Make the hold last ``ttl`` seconds from now (and renew with that ttl)."""
+        hold = self.hold(name, owner)
+        if hold is not None and hold.ended:
+            raise hold.error()
+        sent = time.monotonic()
+        try:
+            grant = await self.backend.extend(
+                self.namespace, name, owner, hold.token if hold else None, ttl
+            )
+        except NotHeld as exc:
+            if hold is not None:
+                self._end(hold, LockState.REVOKED if isinstance(exc, Revoked) else LockState.LOST,
+                          exc.message)  # fmt: skip
+            raise
+        if hold is not None:
+            hold.ttl = ttl
+            hold.deadline = 0.0
+            hold.lease(sent, grant.ttl)
+            hold.state = LockState.HELD
+        return hold
+
+    async def close(self) -> None:
+        """Stop every watchdog and release every hold this session still has."""
+        for hold in self.holds():
+            await self._stop_renewal(hold)
+            if hold.ended:
+                self._forget(hold)
+                continue
+            for _ in range(max(1, hold.count)):
+                try:
+                    if (
+                        await self.backend.release(
+                            self.namespace, hold.name, hold.owner, hold.token
+                        )
+                        == 0
+                    ):
+                        break
+                except Exception as exc:  # closing goes on; the hold ends at its ttl
+                    log.warning("could not release %r on close: %s", hold.name, exc)
+                    break
+            hold.state = LockState.RELEASED
+            self._forget(hold)
+
+    # --- the watchdog -----------------------------------------------------------------
+
+    async def _watch(self, hold: HoldState) -> None:
+        while not hold.ended:
+            if not hold.renew:
+                await asyncio.sleep(max(0.0, hold.deadline - time.monotonic()))
+                if time.monotonic() >= hold.deadline:
+                    self._end(hold, LockState.LOST, "its ttl ran out (renewal was off)")
+                continue
+            await asyncio.sleep(max(0.0, hold.renew_at - time.monotonic()))
+            await self._renew(hold)
+
+    async def _renew(self, hold: HoldState) -> None:
+        backoff = RETRY_FIRST
+        while not hold.ended:
+            sent = time.monotonic()
+            left = hold.deadline - sent
+            if left <= 0:
+                self._end(hold, LockState.LOST, "renewal kept failing until the lease ran out")
+                return
+            try:
+                grant = await asyncio.wait_for(
+                    self.backend.extend(
+                        self.namespace, hold.name, hold.owner, hold.token, hold.ttl
+                    ),
+                    left,
+                )
+            except Revoked as exc:
+                self._end(hold, LockState.REVOKED, exc.message)
+                return
+            except NotHeld as exc:
+                self._end(hold, LockState.LOST, exc.message)
+                return
+            except Exception as exc:  # any other failure is worth retrying until the deadline
+                if hold.state is LockState.HELD:
+                    hold.state = LockState.AT_RISK
+                    log.warning("renewing %r failed, retrying: %s", hold.name, exc)
+                await asyncio.sleep(min(backoff, max(0.0, hold.deadline - time.monotonic())))
+                backoff = min(backoff * 2, max(RETRY_FIRST, hold.ttl / 6), RETRY_MAX)
+                continue
+            hold.lease(sent, grant.ttl)
+            if hold.state is LockState.AT_RISK:
+                log.info("renewing %r recovered", hold.name)
+                hold.state = LockState.HELD
+            return
+
+    async def _stop_renewal(self, hold: HoldState) -> None:
+        task, hold.renewer = hold.renewer, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _end(self, hold: HoldState, state: LockState, reason: str) -> None:
+        if hold.ended:
+            return
+        hold.state = state
+        hold.reason = reason
+        log.warning("lock %r (owner %s, token %d) %s: %s",
+                    hold.name, hold.owner, hold.token, state.value, reason)  # fmt: skip
+        hold.lost.set()
+        for listener in hold.listeners:
+            try:
+                listener(hold)
+            except Exception:
+                log.exception("on_lost listener of %r failed", hold.name)
+        if hold.renewer is not None and hold.renewer is not asyncio.current_task():
+            hold.renewer.cancel()
+
+    def _forget(self, hold: HoldState) -> None:
+        with self._guard:
+            if self._holds.get((hold.name, hold.owner)) is hold:
+                del self._holds[(hold.name, hold.owner)]
+
+    async def _retrying(self, op: Callable[[], object], deadline: float) -> int:
+        """Run ``op`` again (same request id) while the store is unreachable, until deadline."""
+        backoff = RETRY_FIRST
+        while True:
+            try:
+                result = await op()  # type: ignore[misc]
+                return int(result)
+            except BackendUnavailable:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX)

@@ -1,0 +1,66 @@
+"""Backends, chosen by URL scheme. Each lives in its own module, imported only when used,
+so a store's driver is needed only by those who use that store.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from lockd.backends.base import Backend, BackendBase, require_safety
+from lockd.errors import InvalidRequest
+
+__all__ = ["Backend", "BackendBase", "connect", "require_safety", "store_key"]
+
+SCHEMES = ("memory", "file")
+
+
+def _split(url: str) -> tuple[str, str, dict[str, str]]:
+    """Return (scheme, location, options) of a store URL."""
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidRequest(f"store URL must look like scheme://..., not {url!r}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise InvalidRequest(
+            f"unknown store scheme {scheme!r} in {url!r}; known: {', '.join(SCHEMES)}"
+        )
+    options = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    return scheme, parts.netloc + parts.path, options
+
+
+def store_key(url: str) -> str:
+    """A canonical name for the store a URL points at: equal URLs share one store."""
+    scheme, location, options = _split(url)
+    if scheme == "file":
+        from pathlib import Path
+
+        if not location:
+            raise InvalidRequest(f"file store URL needs a path: {url!r}")
+        location = str(Path(location).resolve())
+    suffix = "?" + "&".join(f"{k}={v}" for k, v in sorted(options.items())) if options else ""
+    return f"{scheme}://{location}{suffix}"
+
+
+def connect(url: str) -> Backend:
+    """Open a new backend for ``url``; call it from the event loop that will use it.
+
+    ``memory://[name]``, ``file://PATH[?sync=full|normal]``.
+    """
+    scheme, location, options = _split(url)
+    if scheme == "memory":
+        _no_options(url, options, set())
+        from lockd.backends.memory import MemoryBackend
+
+        return MemoryBackend(store_key(url))
+    from lockd.backends.file import FileBackend
+
+    _no_options(url, options, {"sync"})
+    if not location:
+        raise InvalidRequest(f"file store URL needs a path: {url!r}")
+    return FileBackend(location, sync=options.get("sync", "full"))
+
+
+def _no_options(url: str, options: dict[str, str], known: set[str]) -> None:
+    unknown = set(options) - known
+    if unknown:
+        raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))} in {url!r}")

@@ -1,0 +1,233 @@
+"""The Backend contract: the few atomic operations every store provides.
+
+Public methods validate input (through :mod:`lockd.model`, the one place input rules
+live) and then call the store's own ``_``-prefixed method, so a backend implements
+only the store-specific part and bad input never reaches a store.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Protocol, runtime_checkable
+
+from lockd.errors import InvalidRequest, SafetyUnavailable
+from lockd.model import (
+    Capabilities,
+    Grant,
+    HolderInfo,
+    ResourceInfo,
+    SafetyLevel,
+    check_limit,
+    check_name,
+    check_namespace,
+    check_owner,
+    check_prefix,
+    check_request_id,
+    check_ttl,
+    check_wait,
+)
+
+__all__ = ["Backend", "BackendBase", "require_safety"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the SDK and the server need from a store. All methods are coroutines."""
+
+    url: str
+    capabilities: Capabilities
+
+    async def acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int = 1,
+        request_id: str | None = None,
+    ) -> Grant:
+        """Grant a hold, waiting up to ``wait`` seconds (None: no end) in FIFO order.
+
+        Raises AcquireTimeout when not granted in time. Reentrant for the same owner.
+        Cancelling the call leaves the queue, and gives back a grant made meanwhile.
+        """
+        ...
+
+    async def release(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None = None,
+    ) -> int:
+        """Drop one count of the owner's hold; returns the count left (0: released)."""
+        ...
+
+    async def extend(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+    ) -> Grant:
+        """Make the owner's hold last ``ttl`` seconds from now."""
+        ...
+
+    async def inspect(self, namespace: str, name: str) -> ResourceInfo:
+        """Holders, waiters and last token of one name."""
+        ...
+
+    async def list_locks(self, namespace: str, prefix: str = "") -> list[ResourceInfo]:
+        """Every name with holders or waiters whose name starts with ``prefix``."""
+        ...
+
+    async def force_release(
+        self, namespace: str, name: str, owner: str | None = None
+    ) -> list[HolderInfo]:
+        """Evict all holders (or one owner); evicted tokens are revoked. Admin only."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable when the store cannot be reached."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's connections and files."""
+        ...
+
+
+class BackendBase(abc.ABC):
+    """Validates every call once, then hands it to the store's implementation."""
+
+    url: str
+    capabilities: Capabilities
+
+    async def acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int = 1,
+        request_id: str | None = None,
+    ) -> Grant:
+        """See :meth:`Backend.acquire`."""
+        return await self._acquire(
+            check_namespace(namespace),
+            check_name(name),
+            check_owner(owner),
+            ttl=check_ttl(ttl),
+            wait=check_wait(wait),
+            limit=check_limit(limit),
+            request_id=check_request_id(request_id),
+        )
+
+    async def release(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None = None,
+    ) -> int:
+        """See :meth:`Backend.release`."""
+        return await self._release(
+            check_namespace(namespace),
+            check_name(name),
+            check_owner(owner),
+            _check_token(token),
+            check_request_id(request_id),
+        )
+
+    async def extend(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+    ) -> Grant:
+        """See :meth:`Backend.extend`."""
+        return await self._extend(
+            check_namespace(namespace),
+            check_name(name),
+            check_owner(owner),
+            _check_token(token),
+            check_ttl(ttl),
+        )
+
+    async def inspect(self, namespace: str, name: str) -> ResourceInfo:
+        """See :meth:`Backend.inspect`."""
+        return await self._inspect(check_namespace(namespace), check_name(name))
+
+    async def list_locks(self, namespace: str, prefix: str = "") -> list[ResourceInfo]:
+        """See :meth:`Backend.list`."""
+        return await self._list_locks(check_namespace(namespace), check_prefix(prefix))
+
+    async def force_release(
+        self, namespace: str, name: str, owner: str | None = None
+    ) -> list[HolderInfo]:
+        """See :meth:`Backend.force_release`."""
+        return await self._force_release(
+            check_namespace(namespace),
+            check_name(name),
+            None if owner is None else check_owner(owner),
+        )
+
+    async def ping(self) -> None:
+        """See :meth:`Backend.ping`."""
+        return
+
+    async def aclose(self) -> None:
+        """See :meth:`Backend.aclose`."""
+        return
+
+    @abc.abstractmethod
+    async def _acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        request_id: str | None,
+    ) -> Grant: ...
+
+    @abc.abstractmethod
+    async def _release(
+        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+    ) -> int: ...
+
+    @abc.abstractmethod
+    async def _extend(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+    ) -> Grant: ...
+
+    @abc.abstractmethod
+    async def _inspect(self, namespace: str, name: str) -> ResourceInfo: ...
+
+    @abc.abstractmethod
+    async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]: ...
+
+    @abc.abstractmethod
+    async def _force_release(
+        self, namespace: str, name: str, owner: str | None
+    ) -> list[HolderInfo]: ...
+
+
+def _check_token(token: object) -> int | None:
+    if token is None:
+        return None
+    if isinstance(token, bool) or not isinstance(token, int) or token < 1:
+        raise InvalidRequest(f"token must be a positive integer, not {token!r}")
+    return token
+
+
+def require_safety(backend: Backend, minimum: SafetyLevel | str | None) -> None:
+    """Raise SafetyUnavailable when ``backend`` is weaker than ``minimum``."""
+    if minimum is None:
+        return
+    wanted = SafetyLevel.parse(minimum)
+    have = backend.capabilities.safety
+    if have < wanted:
+        raise SafetyUnavailable(
+            f"{backend.url} gives {have.label} safety; {wanted.label} was required"
+        )
