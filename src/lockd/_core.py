@@ -83,6 +83,7 @@ class Waiter(Generic[W]):
     wake: W
     request_id: str | None = None
     acquired_at: float = 0.0
+    """Wall-clock time of the request, for display only."""
 
 
 @dataclass(slots=True)
@@ -381,7 +382,8 @@ class LockTable(Generic[W]):
                 hold.expires = max(hold.expires, now + head.ttl)
                 self._dirty_holds[(*key, head.owner)] = hold
             else:
-                hold = self._new_hold(key, res, head.owner, head.ttl, now, head.acquired_at)
+                wall = head.acquired_at + (now - head.enqueued)  # display only
+                hold = self._new_hold(key, res, head.owner, head.ttl, now, wall)
             self._remember(
                 ("acquire", *key, head.owner, head.request_id or ""), hold.token, head.request_id
             )

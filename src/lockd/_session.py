@@ -131,6 +131,8 @@ class Session:
             known.lease(anchor, grant.ttl)
             hold = known
         else:
+            if known is not None:  # the store granted afresh, so the earlier hold had ended
+                self._end(known, LockState.LOST, f"the store granted a new token {grant.token}")
             hold = HoldState(name, owner, ttl, grant, anchor)
             hold.renew = renew
             with self._guard:

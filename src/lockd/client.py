@@ -180,10 +180,11 @@ class _LockBase(Generic[T]):
 
     def _owns(self, info: ResourceInfo) -> bool:
         hold = self._hold()
+        if hold is not None and hold.ended:
+            return False
         return any(
-            h.owner == self.owner and (hold is None or hold.ended or h.token == hold.token)
-            for h in info.holders
-        ) and not (hold is not None and hold.ended)
+            h.owner == self.owner and (hold is None or h.token == hold.token) for h in info.holders
+        )
 
     def __repr__(self) -> str:
         kind = "Semaphore" if self.limit > 1 else "Lock"

@@ -146,8 +146,6 @@ class FileBackend(LocalBackend):
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            # The table already changed in memory and cannot be trusted past this point.
-            self._closed = True
             raise BackendUnavailable(f"file store {self.path} failed to write: {exc}") from exc
 
     async def ping(self) -> None:

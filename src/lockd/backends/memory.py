@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from lockd._core import Changes, Key, LockTable, Waiter
 from lockd.backends.base import BackendBase
-from lockd.errors import AcquireTimeout
+from lockd.errors import AcquireTimeout, BackendUnavailable
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
 
 __all__ = ["LocalBackend", "MemoryBackend"]
@@ -38,6 +38,7 @@ class LocalBackend(BackendBase):
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._failure: BackendUnavailable | None = None
 
     # --- the contract -----------------------------------------------------------------
 
@@ -52,6 +53,7 @@ class LocalBackend(BackendBase):
         limit: int,
         request_id: str | None,
     ) -> Grant:
+        self._check()
         self._start()
         key = (namespace, name)
         now = self._clock()
@@ -89,6 +91,7 @@ class LocalBackend(BackendBase):
     async def _release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
     ) -> int:
+        self._check()
         key = (namespace, name)
         try:
             left, handoffs = self._table.release(key, owner, token, self._clock(), request_id)
@@ -101,6 +104,7 @@ class LocalBackend(BackendBase):
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
+        self._check()
         key = (namespace, name)
         try:
             grant = self._table.extend(key, owner, token, ttl, self._clock())
@@ -110,12 +114,14 @@ class LocalBackend(BackendBase):
         return grant
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
+        self._check()
         try:
             return self._table.inspect((namespace, name), self._clock(), self._wall())
         finally:
             self._commit()
 
     async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
+        self._check()
         now, wall = self._clock(), self._wall()
         try:
             return [
@@ -128,6 +134,7 @@ class LocalBackend(BackendBase):
     async def _force_release(
         self, namespace: str, name: str, owner: str | None
     ) -> list[HolderInfo]:
+        self._check()
         key = (namespace, name)
         now = self._clock()
         before = self._table.inspect(key, now, self._wall())
@@ -159,7 +166,18 @@ class LocalBackend(BackendBase):
     def _commit(self) -> None:
         changes = self._table.take_changes()
         if changes:
-            self._persist(changes)
+            try:
+                self._persist(changes)
+            except BackendUnavailable as exc:
+                # Memory is now ahead of the disk: refuse everything rather than guess.
+                self._failure = exc
+                raise
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise BackendUnavailable(f"{self.url} is out of service: {self._failure.message}")
+        if self._closed:
+            raise BackendUnavailable(f"{self.url} is closed")
 
     # --- waking waiters ---------------------------------------------------------------
 
