@@ -63,7 +63,13 @@ class Runtime:
         key = store_key(url)
         shared = self._stores.get(key)
         if shared is None:
-            shared = self._stores[key] = _Shared(connect(url), 0)
+            backend = connect(url)
+            try:
+                await backend.open()
+            except BaseException:
+                await backend.aclose()
+                raise
+            shared = self._stores[key] = _Shared(backend, 0)
         shared.users += 1
         return shared.backend
 

@@ -196,11 +196,11 @@ class Session:
             hold.state = LockState.HELD
         return hold
 
-    async def close(self) -> None:
-        """Stop every watchdog and release every hold this session still has."""
+    async def close(self, release: bool = True) -> None:
+        """Stop every watchdog; release every hold still had, or leave them to expire."""
         for hold in self.holds():
             await self._stop_renewal(hold)
-            if hold.ended:
+            if hold.ended or not release:
                 self._forget(hold)
                 continue
             for _ in range(max(1, hold.count)):

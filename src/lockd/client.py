@@ -82,8 +82,8 @@ class _ClientBase:
     def _call(self, coro: Coroutine[Any, Any, T], **kw: Any) -> Call[T]:
         return Call(self._rt, coro, **kw)
 
-    async def _shutdown(self) -> None:
-        await self._session.close()
+    async def _shutdown(self, release: bool) -> None:
+        await self._session.close(release)
         await self._rt.close_store(self._session.backend)
 
     def __repr__(self) -> str:
@@ -229,11 +229,15 @@ class Client(_ClientBase):
             self._session.backend.force_release(self.namespace, check_name(name), owner)
         ).result()
 
-    def close(self) -> None:
-        """Stop renewal, release held locks and close the store if no other client uses it."""
+    def close(self, release: bool = True) -> None:
+        """Stop renewal and close the store if no other client uses it.
+
+        Holds still had are released, or with ``release=False`` left to end at their ttl
+        (so a script can hand a hold to a later process by its owner id).
+        """
         if not self._closed:
             self._closed = True
-            self._call(self._shutdown()).result()
+            self._call(self._shutdown(release), finish=True).result()
 
     def __enter__(self) -> Client:
         return self
@@ -383,11 +387,11 @@ class AsyncClient(_ClientBase):
             backend.force_release(self.namespace, check_name(name), owner)
         ).aresult()
 
-    async def aclose(self) -> None:
-        """Stop renewal, release held locks and close the store if no other client uses it."""
+    async def aclose(self, release: bool = True) -> None:
+        """Stop renewal and close the store; see :meth:`Client.close`."""
         if not self._closed:
             self._closed = True
-            await self._call(self._shutdown(), finish=True).aresult()
+            await self._call(self._shutdown(release), finish=True).aresult()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -105,3 +105,20 @@ class StoreBusy(BackendUnavailable):
     """An embedded file store is already open in another process."""
 
     code = "store_busy"
+
+
+ERROR_CODES: dict[str, type[LockError]] = {
+    cls.code: cls
+    for cls in (
+        LockError,
+        AcquireTimeout,
+        NotHeld,
+        LockLost,
+        Revoked,
+        InvalidRequest,
+        SafetyUnavailable,
+        BackendUnavailable,
+        StoreBusy,
+    )
+}
+"""Every error class by its wire code, so an error crosses HTTP and comes back typed."""

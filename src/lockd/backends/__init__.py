@@ -11,7 +11,7 @@ from lockd.errors import InvalidRequest
 
 __all__ = ["Backend", "BackendBase", "connect", "require_safety", "store_key"]
 
-SCHEMES = ("memory", "file")
+SCHEMES = ("memory", "file", "http", "https")
 
 
 def _split(url: str) -> tuple[str, str, dict[str, str]]:
@@ -31,6 +31,8 @@ def _split(url: str) -> tuple[str, str, dict[str, str]]:
 def store_key(url: str) -> str:
     """A canonical name for the store a URL points at: equal URLs share one store."""
     scheme, location, options = _split(url)
+    if scheme in ("http", "https"):
+        return url.rstrip("/")
     if scheme == "file":
         from pathlib import Path
 
@@ -44,9 +46,14 @@ def store_key(url: str) -> str:
 def connect(url: str) -> Backend:
     """Open a new backend for ``url``; call it from the event loop that will use it.
 
-    ``memory://[name]``, ``file://PATH[?sync=full|normal]``.
+    ``memory://[name]``, ``file://PATH[?sync=full|normal]``, ``http(s)://host:port``.
+    Call ``await backend.open()`` before use.
     """
     scheme, location, options = _split(url)
+    if scheme in ("http", "https"):
+        from lockd.backends.http import HttpBackend
+
+        return HttpBackend(url)
     if scheme == "memory":
         _no_options(url, options, set())
         from lockd.backends.memory import MemoryBackend

@@ -86,6 +86,10 @@ class Backend(Protocol):
         """Evict all holders (or one owner); evicted tokens are revoked. Admin only."""
         ...
 
+    async def open(self) -> None:
+        """Connect (called once, in the event loop that will use the backend)."""
+        ...
+
     async def ping(self) -> None:
         """Raise BackendUnavailable when the store cannot be reached."""
         ...
@@ -169,6 +173,10 @@ class BackendBase(abc.ABC):
             check_name(name),
             None if owner is None else check_owner(owner),
         )
+
+    async def open(self) -> None:
+        """See :meth:`Backend.open`."""
+        return
 
     async def ping(self) -> None:
         """See :meth:`Backend.ping`."""

@@ -1,0 +1,220 @@
+"""The ``http://`` backend: a lockd server seen as just another store.
+
+Every call is one HTTP/JSON request with keep-alive (httpx). Errors come back typed
+through ``lockd.errors.ERROR_CODES``. Waits longer than the server's long-poll cap are
+split into several polls with the same request id. A request that fails in transport or
+gets 503 is retried with the same request id until its deadline, which the server's
+request-id memory makes safe: a retried acquire or release applies once.
+
+Known limit: a queued waiter keeps its FIFO place within one long-poll (at most
+``max_poll`` seconds, 60 by default); a longer wait re-queues at the end of each poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from lockd.backends.base import BackendBase
+from lockd.errors import ERROR_CODES, AcquireTimeout, BackendUnavailable, LockError
+from lockd.model import (
+    Capabilities,
+    Grant,
+    HolderInfo,
+    ResourceInfo,
+    SafetyLevel,
+    WaiterInfo,
+)
+
+__all__ = ["HttpBackend"]
+
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+TRANSIENT_STATUS = {502, 503, 504}
+
+
+class HttpBackend(BackendBase):
+    """Talks to ``lockd serve`` at ``url`` (``http://host:port`` or ``https://...``)."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0, retry_for: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self._timeout = timeout
+        self._retry_for = retry_for
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.max_poll = 60.0
+        self.capabilities = Capabilities(
+            safety=SafetyLevel.TIMING_DEPENDENT, fencing=False, fair=False, durable=False,
+            shared_across_processes=True,
+        )  # fmt: skip
+
+    async def open(self) -> None:
+        """Learn the server's store capabilities and long-poll cap."""
+        info = await self._call("GET", "/v1/info", deadline=time.monotonic() + self._retry_for)
+        caps = info["capabilities"]
+        self.capabilities = Capabilities(
+            safety=SafetyLevel.parse(caps["safety"]), fencing=bool(caps["fencing"]),
+            fair=bool(caps["fair"]), durable=bool(caps["durable"]), shared_across_processes=True,
+        )  # fmt: skip
+        self.max_poll = float(info["max_poll"])
+
+    async def _acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        request_id: str | None,
+    ) -> Grant:
+        request_id = request_id or uuid.uuid4().hex
+        start = time.monotonic()
+        end = None if wait is None else start + wait
+        while True:
+            poll_sent = time.monotonic()
+            left = self.max_poll if end is None else max(0.0, end - poll_sent)
+            poll = min(left, self.max_poll)
+            body = {"owner": owner, "ttl": ttl, "wait": poll, "limit": limit,
+                    "request_id": request_id}  # fmt: skip
+            try:
+                data = await self._call(
+                    "POST", f"/v1/locks/{_path(name)}/acquire", namespace, json=body,
+                    deadline=(end or time.monotonic() + self._retry_for), read_timeout=poll,
+                    name=name, owner=owner,
+                )  # fmt: skip
+            except AcquireTimeout:
+                if end is not None and time.monotonic() >= end:
+                    raise
+                continue
+            grant = _grant(data)
+            # The store granted no earlier than this poll was sent plus its own queue time.
+            waited = poll_sent - start + grant.waited
+            return Grant(grant.name, grant.owner, grant.token, grant.count, grant.ttl, waited)
+
+    async def _release(
+        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+    ) -> int:
+        body = {"owner": owner, "token": token, "request_id": request_id or uuid.uuid4().hex}
+        data = await self._call("POST", f"/v1/locks/{_path(name)}/release", namespace, json=body,
+                                name=name, owner=owner, token=token)  # fmt: skip
+        return int(data["count"])
+
+    async def _extend(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+    ) -> Grant:
+        body = {"owner": owner, "token": token, "ttl": ttl}
+        data = await self._call("POST", f"/v1/locks/{_path(name)}/extend", namespace, json=body,
+                                name=name, owner=owner, token=token)  # fmt: skip
+        return _grant(data)
+
+    async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
+        return _info(await self._call("GET", f"/v1/locks/{_path(name)}", namespace))
+
+    async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
+        data = await self._call("GET", "/v1/locks", namespace, params={"prefix": prefix})
+        return [_info(item) for item in data["locks"]]
+
+    async def _force_release(
+        self, namespace: str, name: str, owner: str | None
+    ) -> list[HolderInfo]:
+        params = {} if owner is None else {"owner": owner}
+        data = await self._call("DELETE", f"/v1/locks/{_path(name)}", namespace, params=params)
+        return [_holder(h) for h in data["revoked"]]
+
+    async def ping(self) -> None:
+        """Ask the server whether its store answers."""
+        await self._call("GET", "/readyz", deadline=time.monotonic())
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        namespace: str | None = None,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        deadline: float | None = None,
+        read_timeout: float = 0.0,
+        name: str | None = None,
+        owner: str | None = None,
+        token: int | None = None,
+    ) -> dict[str, Any]:
+        """One request, retried while the server is unreachable or draining, until deadline."""
+        query = dict(params or {})
+        if namespace is not None:
+            query["namespace"] = namespace
+        deadline = time.monotonic() + self._retry_for if deadline is None else deadline
+        timeout = httpx.Timeout(self._timeout, read=self._timeout + read_timeout)
+        backoff = RETRY_FIRST
+        while True:
+            try:
+                response = await self._http.request(
+                    method, path, json=json, params=query, timeout=timeout
+                )
+                if response.is_success:
+                    data: dict[str, Any] = response.json()
+                    return data
+                error = _error(response, name, owner, token)
+                if not isinstance(error, BackendUnavailable):
+                    raise error
+            except httpx.TransportError as exc:
+                error = BackendUnavailable(
+                    f"lockd server {self.url} unreachable: {exc!r}", name=name, owner=owner
+                )
+            if time.monotonic() + backoff > deadline:
+                raise error
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX)
+
+
+def _path(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _error(
+    response: httpx.Response, name: str | None, owner: str | None, token: int | None
+) -> LockError:
+    try:
+        data = response.json()
+        cls = ERROR_CODES.get(str(data.get("error")), LockError)
+        message = str(data.get("message", response.text))
+    except ValueError:
+        cls, message = LockError, response.text
+    if response.status_code in TRANSIENT_STATUS and not issubclass(cls, BackendUnavailable):
+        cls = BackendUnavailable
+    return cls(message, name=name, owner=owner, token=token)
+
+
+def _grant(data: dict[str, Any]) -> Grant:
+    return Grant(
+        name=data["name"], owner=data["owner"], token=int(data["token"]), count=int(data["count"]),
+        ttl=float(data["ttl"]), waited=float(data.get("waited", 0.0)),
+    )  # fmt: skip
+
+
+def _holder(h: dict[str, Any]) -> HolderInfo:
+    return HolderInfo(
+        owner=h["owner"], token=int(h["token"]), count=int(h["count"]),
+        ttl_left=float(h["ttl_left"]), held_for=float(h["held_for"]),
+        acquired_at=float(h["acquired_at"]),
+    )  # fmt: skip
+
+
+def _info(data: dict[str, Any]) -> ResourceInfo:
+    return ResourceInfo(
+        name=data["name"], namespace=data["namespace"], limit=int(data["limit"]),
+        holders=tuple(_holder(h) for h in data["holders"]),
+        waiters=tuple(WaiterInfo(owner=w["owner"], waited=float(w["waited"]))
+                      for w in data["waiters"]),
+        last_token=int(data["last_token"]),
+    )  # fmt: skip

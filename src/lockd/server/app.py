@@ -1,0 +1,301 @@
+"""The HTTP/JSON API: a thin shell over one Backend.
+
+Handlers parse the request, call the backend, and turn lockd errors into responses
+through one table (``STATUS``). The backend validates every value (``lockd.model``), so
+bad input gets the same clear error over HTTP as in Python. Every error is
+``{"error": code, "message": text}``; malformed bodies are 400, never 5xx.
+
+A waiting acquire is a bounded long-poll (``wait`` up to ``MAX_POLL`` seconds; the SDK
+loops for longer). It races three things: the grant, the client disconnecting (it then
+leaves the queue at once, and a grant made meanwhile is given back), and the server
+draining for shutdown (answered 503 at once so the client retries elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lockd.backends import Backend, connect
+from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
+from lockd.model import DEFAULT_NAMESPACE, Grant, HolderInfo, ResourceInfo
+
+__all__ = ["MAX_POLL", "STATUS", "create_app"]
+
+MAX_POLL = 60.0
+"""Longest ``wait`` one acquire request may long-poll, in seconds."""
+
+STATUS: dict[str, int] = {
+    "invalid": 400,
+    "safety_unavailable": 400,
+    "not_found": 404,
+    "timeout": 409,
+    "not_held": 409,
+    "lost": 409,
+    "revoked": 409,
+    "unavailable": 503,
+    "store_busy": 503,
+    "lock_error": 500,
+}
+"""HTTP status of each error code: the one place errors meet HTTP."""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AcquireBody(_Body):
+    """Acquire ``name``: granted at once, or after waiting up to ``wait`` seconds."""
+
+    owner: str | None = Field(None, description="Who holds; generated and returned when omitted.")
+    ttl: float = Field(description="Seconds the hold lasts unless extended (0.1 to 604800).")
+    wait: float = Field(
+        0.0, description=f"Seconds to wait in the FIFO queue (0 to {MAX_POLL:.0f})."
+    )
+    limit: int = Field(1, description="Holders allowed at once: 1 for a lock, N for a semaphore.")
+    request_id: str | None = Field(None, description="Retries with the same id apply once.")
+
+
+class ReleaseBody(_Body):
+    """Release one count of ``owner``'s hold."""
+
+    owner: str
+    token: int | None = Field(None, description="The grant's token; checked when given.")
+    request_id: str | None = None
+
+
+class ExtendBody(_Body):
+    """Make ``owner``'s hold last ``ttl`` seconds from now."""
+
+    owner: str
+    ttl: float
+    token: int | None = None
+
+
+def grant_json(grant: Grant) -> dict[str, Any]:
+    """The acquire/extend answer."""
+    return {
+        "name": grant.name,
+        "owner": grant.owner,
+        "token": grant.token,
+        "ttl": grant.ttl,
+        "count": grant.count,
+        "waited": grant.waited,
+    }
+
+
+def holder_json(h: HolderInfo) -> dict[str, Any]:
+    """One holder, as inspect shows it."""
+    return {
+        "owner": h.owner,
+        "token": h.token,
+        "count": h.count,
+        "ttl_left": h.ttl_left,
+        "held_for": h.held_for,
+        "acquired_at": h.acquired_at,
+    }
+
+
+def info_json(info: ResourceInfo) -> dict[str, Any]:
+    """A resource's holders, waiters and last token."""
+    return {
+        "name": info.name,
+        "namespace": info.namespace,
+        "limit": info.limit,
+        "holders": [holder_json(h) for h in info.holders],
+        "waiters": [{"owner": w.owner, "waited": w.waited} for w in info.waiters],
+        "last_token": info.last_token,
+    }
+
+
+def error_response(code: str, message: str, **extra: Any) -> JSONResponse:
+    """The one error shape: ``{"error": code, "message": text, ...}``."""
+    return JSONResponse(
+        {"error": code, "message": message, **extra}, status_code=STATUS.get(code, 500)
+    )
+
+
+router = APIRouter()
+
+
+def _backend(request: Request) -> Backend:
+    result: Backend = request.app.state.backend
+    return result
+
+
+@router.post("/v1/locks/{name:path}/acquire", summary="Acquire a lock or semaphore slot")
+async def acquire(
+    name: str, body: AcquireBody, request: Request, namespace: str = DEFAULT_NAMESPACE
+) -> JSONResponse:
+    """Grant at once or after a bounded wait; 409 with the holders when not granted."""
+    if body.wait > MAX_POLL:
+        raise InvalidRequest(
+            f"wait must be at most {MAX_POLL:.0f} seconds per request; loop for longer waits",
+            name=name,
+        )
+    owner = body.owner if body.owner is not None else uuid.uuid4().hex
+    backend = _backend(request)
+    call = asyncio.ensure_future(
+        backend.acquire(namespace, name, owner, ttl=body.ttl, wait=body.wait, limit=body.limit,
+                        request_id=body.request_id)
+    )  # fmt: skip
+    gone = asyncio.ensure_future(_disconnected(request))
+    drain = asyncio.ensure_future(request.app.state.draining.wait())
+    try:
+        await asyncio.wait({call, gone, drain}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (gone, drain):
+            task.cancel()
+        if not call.done():
+            call.cancel()  # the backend leaves the queue, or gives back a grant
+            with contextlib.suppress(BaseException):
+                await call
+    if call.cancelled():
+        raise BackendUnavailable("server is shutting down; retry", name=name, owner=owner)
+    try:
+        return JSONResponse(grant_json(call.result()))
+    except AcquireTimeout as exc:
+        info = await backend.inspect(namespace, name)
+        holders = [holder_json(h) for h in info.holders]
+        return error_response(exc.code, exc.message, owner=owner, holders=holders)
+
+
+@router.post("/v1/locks/{name:path}/release", summary="Release one count of a hold")
+async def release(
+    name: str, body: ReleaseBody, request: Request, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """Only the holder may release; 409 otherwise."""
+    backend = _backend(request)
+    left = await backend.release(namespace, name, body.owner, body.token, body.request_id)
+    return {"name": name, "owner": body.owner, "count": left, "released": left == 0}
+
+
+@router.post("/v1/locks/{name:path}/extend", summary="Extend a hold")
+async def extend(
+    name: str, body: ExtendBody, request: Request, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """Only the holder may extend; 409 otherwise."""
+    grant = await _backend(request).extend(namespace, name, body.owner, body.token, body.ttl)
+    return grant_json(grant)
+
+
+@router.get("/v1/locks/{name:path}", summary="Holders, waiters and last token of a name")
+async def inspect(
+    name: str, request: Request, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """Holders (owner, token, count, ttl left), waiters in order, last token."""
+    return info_json(await _backend(request).inspect(namespace, name))
+
+
+@router.get("/v1/locks", summary="Names with holders or waiters, by prefix")
+async def list_locks(
+    request: Request, prefix: str = "", namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """Every held or awaited name starting with ``prefix``."""
+    infos = await _backend(request).list_locks(namespace, prefix)
+    return {"locks": [info_json(info) for info in infos]}
+
+
+@router.delete("/v1/locks/{name:path}", summary="Force-release a name (admin)")
+async def force_release(
+    name: str, request: Request, owner: str | None = None, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any]:
+    """Evict the holders (or one owner); their next extend or release gets 409 revoked."""
+    evicted = await _backend(request).force_release(namespace, name, owner)
+    return {"name": name, "revoked": [holder_json(h) for h in evicted]}
+
+
+@router.get("/v1/info", summary="The store's capabilities and this server's limits")
+async def info(request: Request) -> dict[str, Any]:
+    """Safety level, fencing, fairness, durability of the store; the long-poll cap."""
+    caps = _backend(request).capabilities
+    return {
+        "capabilities": {
+            "safety": caps.safety.label,
+            "fencing": caps.fencing,
+            "fair": caps.fair,
+            "durable": caps.durable,
+        },
+        "max_poll": MAX_POLL,
+    }
+
+
+@router.get("/healthz", summary="The server process is up")
+async def healthz() -> dict[str, str]:
+    """Always ok while the process serves."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The store answers")
+async def readyz(request: Request) -> dict[str, str]:
+    """503 while the store is unreachable or the server drains."""
+    if request.app.state.draining.is_set():
+        raise BackendUnavailable("server is shutting down")
+    await _backend(request).ping()
+    return {"status": "ready"}
+
+
+async def _lock_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LockError)
+    return error_response(exc.code, exc.message)
+
+
+async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+        for e in exc.errors()
+    )
+    return error_response("invalid", f"malformed request: {problems}")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    response = error_response("not_found" if exc.status_code == 404 else "invalid", str(exc.detail))
+    response.status_code = exc.status_code
+    return response
+
+
+def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
+    """The ASGI app serving ``store`` (a URL, or an open Backend the caller closes)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.backend = connect(store) if isinstance(store, str) else store
+        await app.state.backend.open()
+        try:
+            yield
+        finally:
+            app.state.draining.set()
+            if isinstance(store, str):
+                await app.state.backend.aclose()
+
+    app = FastAPI(
+        title="lockd",
+        version="1",
+        summary="Distributed locks with leases, fencing tokens and fair queues.",
+        lifespan=lifespan,
+    )
+    app.state.draining = asyncio.Event()
+    app.include_router(router)
+    app.add_exception_handler(LockError, _lock_error)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
