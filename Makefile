@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit serve clean
+.PHONY: test lint typecheck unit serve bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e . pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
+	$(PY) -m pip install --quiet -e ".[server]" pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
 	touch $(STAMP)
 
 test: $(STAMP) lint typecheck unit
@@ -24,6 +24,12 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest
+
+serve: $(STAMP)
+	$(VENV)/bin/lockd serve $(SERVE_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/http_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

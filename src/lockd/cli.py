@@ -194,7 +194,7 @@ def acquire(ctx: click.Context, name: str, ttl: float, wait: float, owner: str |
     client = _client(ctx)
     lock = client.lock(name, ttl=ttl, owner=owner or f"cli-{uuid.uuid4().hex}", renew=False)
     try:
-        lock.acquire(wait=wait)
+        token = lock.acquire(wait=wait).token
     except lockd.AcquireTimeout as exc:
         errors.print(f"lockd: {name!r} not acquired: {exc}")
         sys.exit(EXIT_NOT_ACQUIRED)
@@ -203,7 +203,7 @@ def acquire(ctx: click.Context, name: str, ttl: float, wait: float, owner: str |
         sys.exit(EXIT_STORE)
     finally:
         client.close(release=False)
-    click.echo(json.dumps({"name": name, "owner": lock.owner, "token": lock.token, "ttl": ttl}))
+    click.echo(json.dumps({"name": name, "owner": lock.owner, "token": token, "ttl": ttl}))
 
 
 @main.command()
@@ -230,3 +230,7 @@ def force_release(ctx: click.Context, name: str, owner: str | None) -> None:
     with _client(ctx) as client:
         evicted = client.force_release(name, owner)
     click.echo(json.dumps({"name": name, "revoked": [vars_of(h) for h in evicted]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The HTTP API of a real ``lockd serve`` process: shapes, errors, long-poll, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serverproc import ServerProcess, running_server
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    with running_server(f"file://{tmp_path / 'store'}") as s:
+        yield s
+
+
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+def acquire(http: httpx.Client, name: str, **body: Any) -> httpx.Response:
+    return http.post(f"/v1/locks/{name}/acquire", json={"ttl": 30, **body})
+
+
+def test_acquire_generates_owner_and_returns_grant(http: httpx.Client) -> None:
+    r = acquire(http, "job")
+    assert r.status_code == 200
+    grant = r.json()
+    assert set(grant) >= {"name", "owner", "token", "ttl", "count"}
+    assert grant["name"] == "job" and grant["count"] == 1 and grant["token"] >= 1
+    assert len(grant["owner"]) >= 16
+    assert 29 < grant["ttl"] <= 30
+
+
+def test_busy_lock_answers_409_with_holders(http: httpx.Client) -> None:
+    first = acquire(http, "job", owner="a").json()
+    r = acquire(http, "job", owner="b", wait=0.2)
+    assert r.status_code == 409
+    body = r.json()
+    assert body["error"] == "timeout"
+    assert [h["owner"] for h in body["holders"]] == ["a"]
+    assert body["holders"][0]["token"] == first["token"]
+
+
+def test_reentrant_acquire_release_extend(http: httpx.Client) -> None:
+    t1 = acquire(http, "job", owner="a").json()["token"]
+    again = acquire(http, "job", owner="a").json()
+    assert again["token"] == t1 and again["count"] == 2
+    ext = http.post("/v1/locks/job/extend", json={"owner": "a", "ttl": 5}).json()
+    assert ext["token"] == t1 and 4 < ext["ttl"] <= 5
+    r = http.post("/v1/locks/job/release", json={"owner": "a", "token": t1})
+    assert r.json() == {"name": "job", "owner": "a", "count": 1, "released": False}
+    r = http.post("/v1/locks/job/release", json={"owner": "a"})
+    assert r.json()["released"] is True
+    assert http.get("/v1/locks/job").json()["holders"] == []
+
+
+def test_release_or_extend_by_stranger_is_409_not_held(http: httpx.Client) -> None:
+    acquire(http, "job", owner="a")
+    for path, body in (("release", {"owner": "b"}), ("extend", {"owner": "b", "ttl": 5})):
+        r = http.post(f"/v1/locks/job/{path}", json=body)
+        assert r.status_code == 409
+        assert r.json()["error"] == "not_held"
+    assert [h["owner"] for h in http.get("/v1/locks/job").json()["holders"]] == ["a"]
+
+
+def test_inspect_and_list(http: httpx.Client) -> None:
+    acquire(http, "jobs/a", owner="x")
+    acquire(http, "jobs/b", owner="y")
+    acquire(http, "other", owner="z")
+    info = http.get("/v1/locks/jobs/a").json()
+    assert info["name"] == "jobs/a" and info["limit"] == 1
+    holder = info["holders"][0]
+    assert set(holder) == {"owner", "token", "count", "ttl_left", "held_for", "acquired_at"}
+    assert info["last_token"] >= holder["token"]
+    names = [i["name"] for i in http.get("/v1/locks", params={"prefix": "jobs/"}).json()["locks"]]
+    assert names == ["jobs/a", "jobs/b"]
+
+
+def test_names_with_slashes_and_escapes_round_trip(http: httpx.Client) -> None:
+    name = "a/b c?d#e%f"
+    from urllib.parse import quote
+
+    r = http.post(f"/v1/locks/{quote(name, safe='')}/acquire", json={"ttl": 5, "owner": "o"})
+    assert r.status_code == 200 and r.json()["name"] == name
+    assert http.get(f"/v1/locks/{quote(name, safe='')}").json()["holders"][0]["owner"] == "o"
+
+
+def test_force_release_revokes_and_fences(http: httpx.Client) -> None:
+    t1 = acquire(http, "job", owner="a").json()["token"]
+    r = http.delete("/v1/locks/job")
+    assert [h["owner"] for h in r.json()["revoked"]] == ["a"]
+    r = http.post("/v1/locks/job/extend", json={"owner": "a", "ttl": 5, "token": t1})
+    assert r.status_code == 409 and r.json()["error"] == "revoked"
+    t2 = acquire(http, "job", owner="b").json()["token"]
+    assert t2 > t1
+
+
+def test_request_id_retry_applies_once(http: httpx.Client) -> None:
+    first = acquire(http, "job", owner="a", request_id="r1").json()
+    retry = acquire(http, "job", owner="a", request_id="r1").json()
+    assert retry["token"] == first["token"] and retry["count"] == 1
+    acquire(http, "job", owner="a")  # count 2
+    body = {"owner": "a", "request_id": "rel-1"}
+    assert http.post("/v1/locks/job/release", json=body).json()["count"] == 1
+    assert http.post("/v1/locks/job/release", json=body).json()["count"] == 1
+    assert http.get("/v1/locks/job").json()["holders"][0]["count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "word"),
+    [
+        ({"ttl": 0}, "ttl"),
+        ({"ttl": -1}, "ttl"),
+        ({"ttl": 10**9}, "ttl"),
+        ({"ttl": "soon"}, "ttl"),
+        ({"ttl": 5, "wait": -1}, "wait"),
+        ({"ttl": 5, "wait": 61}, "wait"),
+        ({"ttl": 5, "limit": 0}, "limit"),
+        ({"ttl": 5, "owner": ""}, "owner"),
+        ({"ttl": 5, "owner": "x" * 300}, "owner"),
+        ({"ttl": 5, "surprise": 1}, "surprise"),
+        ({}, "ttl"),
+        ([1, 2], "body"),
+        ("text", "body"),
+    ],
+)
+def test_bad_input_is_400_and_changes_nothing(http: httpx.Client, body: object, word: str) -> None:
+    r = http.post("/v1/locks/job/acquire", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid"
+    assert word in r.json()["message"]
+    assert http.get("/v1/locks/job").json()["holders"] == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{", b"\xff\xfe", b'{"ttl": 1e999}', b'{"ttl": NaN}', b"null", b'{"ttl": 5, "owner": "\\u0000"}',
+     b'{"ttl": 5, "owner": "\\ud800"}', b"[" * 5000],
+)  # fmt: skip
+def test_hostile_bodies_never_5xx(http: httpx.Client, raw: bytes) -> None:
+    r = http.post(
+        "/v1/locks/job/acquire", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid"
+
+
+def test_oversized_name_is_400(http: httpx.Client) -> None:
+    r = acquire(http, "n" * 600)
+    assert r.status_code == 400 and "name" in r.json()["message"]
+
+
+def test_unknown_route_is_json_404(http: httpx.Client) -> None:
+    r = http.get("/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_health_ready_openapi_docs(http: httpx.Client) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").json() == {"status": "ready"}
+    spec = http.get("/openapi.json").json()
+    assert "/v1/locks/{name}/acquire" in spec["paths"]
+    assert http.get("/docs").status_code == 200
+    info = http.get("/v1/info").json()
+    assert info["capabilities"]["safety"] == "linearizable" and info["max_poll"] == 60
+
+
+def test_long_poll_wakes_on_release(http: httpx.Client, server: ServerProcess) -> None:
+    acquire(http, "job", owner="a")
+    result: dict[str, Any] = {}
+
+    def waiter() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            start = time.monotonic()
+            result["grant"] = acquire(c, "job", owner="b", wait=20).json()
+            result["took"] = time.monotonic() - start
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    _wait_for(lambda: len(http.get("/v1/locks/job").json()["waiters"]) == 1)
+    released_at = time.monotonic()
+    http.post("/v1/locks/job/release", json={"owner": "a"})
+    thread.join(10)
+    assert result["grant"]["owner"] == "b"
+    assert result["took"] < 20
+    assert time.monotonic() - released_at < 1.0
+
+
+def test_disconnected_waiter_leaves_queue(http: httpx.Client, server: ServerProcess) -> None:
+    acquire(http, "job", owner="a")
+
+    def waiter() -> None:
+        with httpx.Client(base_url=server.url, timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
+            acquire(c, "job", owner="b", wait=30)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    _wait_for(lambda: len(http.get("/v1/locks/job").json()["waiters"]) == 1)
+    thread.join(5)
+    _wait_for(lambda: http.get("/v1/locks/job").json()["waiters"] == [], timeout=2)
+    http.post("/v1/locks/job/release", json={"owner": "a"})
+    assert http.get("/v1/locks/job").json()["holders"] == []  # nobody was granted
+
+
+def test_sigterm_answers_waiting_requests_and_keeps_holds(tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    with running_server(store) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            token = acquire(http, "job", owner="a").json()["token"]
+            answers: list[httpx.Response] = []
+            thread = threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(
+                        f"{server.url}/v1/locks/job/acquire",
+                        timeout=30,
+                        json={"ttl": 30, "owner": "b", "wait": 50},
+                    )  # fmt: skip
+                )
+            )
+            thread.start()
+            _wait_for(lambda: len(http.get("/v1/locks/job").json()["waiters"]) == 1)
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises it
+        thread.join(5)
+        assert time.monotonic() - started < 5
+        assert answers[0].status_code == 503
+        assert answers[0].json()["error"] == "unavailable"
+    with running_server(store) as again, httpx.Client(base_url=again.url) as http:
+        holders = http.get("/v1/locks/job").json()["holders"]
+        assert [(h["owner"], h["token"]) for h in holders] == [("a", token)]
+
+
+def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
