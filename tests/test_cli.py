@@ -23,11 +23,11 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         yield s
 
 
-def lockd_cli(server: ServerProcess, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+def lockd_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LOCKD_URL": server.url}
     return subprocess.run(
         [sys.executable, "-m", "lockd.cli", *args], env=env, capture_output=True, text=True,
-        timeout=60, check=False, **kw,  # type: ignore[arg-type]
+        timeout=60, check=False,
     )  # fmt: skip
 
 

@@ -144,8 +144,8 @@ def test_bad_input_is_400_and_changes_nothing(http: httpx.Client, body: object, 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"{", b"\xff\xfe", b'{"ttl": 1e999}', b'{"ttl": NaN}', b"null", b'{"ttl": 5, "owner": "\\u0000"}',
-     b'{"ttl": 5, "owner": "\\ud800"}', b"[" * 5000],
+    [b"", b"{", b"\xff\xfe", b'{"ttl": 1e999}', b'{"ttl": NaN}', b"null",
+     b'{"ttl": 5, "owner": "\\u0000"}', b'{"ttl": 5, "owner": "\\ud800"}', b"[" * 5000],
 )  # fmt: skip
 def test_hostile_bodies_never_5xx(http: httpx.Client, raw: bytes) -> None:
     r = http.post(
@@ -224,7 +224,7 @@ def test_sigterm_answers_waiting_requests_and_keeps_holds(tmp_path: Path) -> Non
                         f"{server.url}/v1/locks/job/acquire",
                         timeout=30,
                         json={"ttl": 30, "owner": "b", "wait": 50},
-                    )  # fmt: skip
+                    )
                 )
             )
             thread.start()
