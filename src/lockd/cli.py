@@ -22,14 +22,13 @@ import subprocess
 import sys
 import threading
 import uuid
-from typing import Any
+from dataclasses import asdict
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 import lockd
-from lockd.model import ResourceInfo
 
 __all__ = ["EXIT_LOCK_LOST", "EXIT_NOT_ACQUIRED", "EXIT_STORE", "main"]
 
@@ -152,7 +151,7 @@ def status(ctx: click.Context, prefix: str, as_json: bool) -> None:
     with _client(ctx) as client:
         infos = client.list_locks(prefix)
     if as_json:
-        click.echo(json.dumps([_info_dict(i) for i in infos], indent=2))
+        click.echo(json.dumps([asdict(i) for i in infos], indent=2))
         return
     table = Table("name", "holder", "token", "count", "ttl left", "waiters")
     for info in infos:
@@ -163,21 +162,6 @@ def status(ctx: click.Context, prefix: str, as_json: bool) -> None:
         if not holders:
             table.add_row(info.name, "-", "-", "-", "-", str(len(info.waiters)))
     console.print(table)
-
-
-def _info_dict(info: ResourceInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "limit": info.limit,
-        "last_token": info.last_token,
-        "holders": [vars_of(h) for h in info.holders],
-        "waiters": [vars_of(w) for w in info.waiters],
-    }
-
-
-def vars_of(obj: object) -> dict[str, Any]:
-    """A slotted dataclass as a dict."""
-    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}  # type: ignore[attr-defined]
 
 
 @main.command()
@@ -229,7 +213,7 @@ def force_release(ctx: click.Context, name: str, owner: str | None) -> None:
     """Evict the holders of NAME (admin); their next operation gets `revoked`."""
     with _client(ctx) as client:
         evicted = client.force_release(name, owner)
-    click.echo(json.dumps({"name": name, "revoked": [vars_of(h) for h in evicted]}))
+    click.echo(json.dumps({"name": name, "revoked": [asdict(h) for h in evicted]}))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from lockd.backends.base import Backend, BackendBase, require_safety
+from lockd.backends.base import Backend, require_safety
 from lockd.errors import InvalidRequest
 
-__all__ = ["Backend", "BackendBase", "connect", "require_safety", "store_key"]
+__all__ = ["Backend", "connect", "require_safety", "store_key"]
 
 SCHEMES = ("memory", "file", "http", "https")
 

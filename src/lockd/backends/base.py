@@ -8,7 +8,6 @@ only the store-specific part and bad input never reaches a store.
 from __future__ import annotations
 
 import abc
-from typing import Protocol, runtime_checkable
 
 from lockd.errors import InvalidRequest, SafetyUnavailable
 from lockd.model import (
@@ -27,12 +26,15 @@ from lockd.model import (
     check_wait,
 )
 
-__all__ = ["Backend", "BackendBase", "require_safety"]
+__all__ = ["Backend", "require_safety"]
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """What the SDK and the server need from a store. All methods are coroutines."""
+class Backend(abc.ABC):
+    """What the SDK and the server need from a store. All methods are coroutines.
+
+    Public methods validate every call once, then hand it to the store's own
+    ``_``-prefixed method, which is all a backend implements.
+    """
 
     url: str
     capabilities: Capabilities
@@ -53,70 +55,6 @@ class Backend(Protocol):
         Raises AcquireTimeout when not granted in time. Reentrant for the same owner.
         Cancelling the call leaves the queue, and gives back a grant made meanwhile.
         """
-        ...
-
-    async def release(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        token: int | None,
-        request_id: str | None = None,
-    ) -> int:
-        """Drop one count of the owner's hold; returns the count left (0: released)."""
-        ...
-
-    async def extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
-    ) -> Grant:
-        """Make the owner's hold last ``ttl`` seconds from now."""
-        ...
-
-    async def inspect(self, namespace: str, name: str) -> ResourceInfo:
-        """Holders, waiters and last token of one name."""
-        ...
-
-    async def list_locks(self, namespace: str, prefix: str = "") -> list[ResourceInfo]:
-        """Every name with holders or waiters whose name starts with ``prefix``."""
-        ...
-
-    async def force_release(
-        self, namespace: str, name: str, owner: str | None = None
-    ) -> list[HolderInfo]:
-        """Evict all holders (or one owner); evicted tokens are revoked. Admin only."""
-        ...
-
-    async def open(self) -> None:
-        """Connect (called once, in the event loop that will use the backend)."""
-        ...
-
-    async def ping(self) -> None:
-        """Raise BackendUnavailable when the store cannot be reached."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release the store's connections and files."""
-        ...
-
-
-class BackendBase(abc.ABC):
-    """Validates every call once, then hands it to the store's implementation."""
-
-    url: str
-    capabilities: Capabilities
-
-    async def acquire(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int = 1,
-        request_id: str | None = None,
-    ) -> Grant:
-        """See :meth:`Backend.acquire`."""
         return await self._acquire(
             check_namespace(namespace),
             check_name(name),
@@ -135,7 +73,7 @@ class BackendBase(abc.ABC):
         token: int | None,
         request_id: str | None = None,
     ) -> int:
-        """See :meth:`Backend.release`."""
+        """Drop one count of the owner's hold; returns the count left (0: released)."""
         return await self._release(
             check_namespace(namespace),
             check_name(name),
@@ -147,7 +85,7 @@ class BackendBase(abc.ABC):
     async def extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
-        """See :meth:`Backend.extend`."""
+        """Make the owner's hold last ``ttl`` seconds from now."""
         return await self._extend(
             check_namespace(namespace),
             check_name(name),
@@ -157,7 +95,7 @@ class BackendBase(abc.ABC):
         )
 
     async def inspect(self, namespace: str, name: str) -> ResourceInfo:
-        """See :meth:`Backend.inspect`."""
+        """Holders, waiters and last token of one name."""
         return await self._inspect(check_namespace(namespace), check_name(name))
 
     async def list_locks(self, namespace: str, prefix: str = "") -> list[ResourceInfo]:
@@ -167,7 +105,7 @@ class BackendBase(abc.ABC):
     async def force_release(
         self, namespace: str, name: str, owner: str | None = None
     ) -> list[HolderInfo]:
-        """See :meth:`Backend.force_release`."""
+        """Evict all holders (or one owner); evicted tokens are revoked. Admin only."""
         return await self._force_release(
             check_namespace(namespace),
             check_name(name),
@@ -175,15 +113,15 @@ class BackendBase(abc.ABC):
         )
 
     async def open(self) -> None:
-        """See :meth:`Backend.open`."""
+        """Connect (called once, in the event loop that will use the backend)."""
         return
 
     async def ping(self) -> None:
-        """See :meth:`Backend.ping`."""
+        """Raise BackendUnavailable when the store cannot be reached."""
         return
 
     async def aclose(self) -> None:
-        """See :meth:`Backend.aclose`."""
+        """Release the store's connections and files."""
         return
 
     @abc.abstractmethod

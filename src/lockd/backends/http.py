@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import httpx
 
-from lockd.backends.base import BackendBase
+from lockd.backends.base import Backend
 from lockd.errors import ERROR_CODES, AcquireTimeout, BackendUnavailable, LockError
 from lockd.model import (
     Capabilities,
@@ -38,7 +38,7 @@ RETRY_MAX = 1.0
 TRANSIENT_STATUS = {502, 503, 504}
 
 
-class HttpBackend(BackendBase):
+class HttpBackend(Backend):
     """Talks to ``lockd serve`` at ``url`` (``http://host:port`` or ``https://...``)."""
 
     def __init__(self, url: str, *, timeout: float = 10.0, retry_for: float = 5.0) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from lockd._core import Changes, Key, LockTable, Waiter
-from lockd.backends.base import BackendBase
+from lockd.backends.base import Backend
 from lockd.errors import AcquireTimeout, BackendUnavailable
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
 
@@ -27,7 +27,7 @@ SWEEP_INTERVAL = 1.0
 """Seconds between sweeps of expired holds that nobody waits on."""
 
 
-class LocalBackend(BackendBase):
+class LocalBackend(Backend):
     """A lock table served in this process's event loop."""
 
     def __init__(self, url: str, *, clock: Clock = time.monotonic, wall: Clock = time.time) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lockd.backends import Backend, connect
 from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
-from lockd.model import DEFAULT_NAMESPACE, Grant, HolderInfo, ResourceInfo
+from lockd.model import DEFAULT_NAMESPACE
 
 __all__ = ["MAX_POLL", "STATUS", "create_app"]
 
@@ -81,42 +82,6 @@ class ExtendBody(_Body):
     token: int | None = None
 
 
-def grant_json(grant: Grant) -> dict[str, Any]:
-    """The acquire/extend answer."""
-    return {
-        "name": grant.name,
-        "owner": grant.owner,
-        "token": grant.token,
-        "ttl": grant.ttl,
-        "count": grant.count,
-        "waited": grant.waited,
-    }
-
-
-def holder_json(h: HolderInfo) -> dict[str, Any]:
-    """One holder, as inspect shows it."""
-    return {
-        "owner": h.owner,
-        "token": h.token,
-        "count": h.count,
-        "ttl_left": h.ttl_left,
-        "held_for": h.held_for,
-        "acquired_at": h.acquired_at,
-    }
-
-
-def info_json(info: ResourceInfo) -> dict[str, Any]:
-    """A resource's holders, waiters and last token."""
-    return {
-        "name": info.name,
-        "namespace": info.namespace,
-        "limit": info.limit,
-        "holders": [holder_json(h) for h in info.holders],
-        "waiters": [{"owner": w.owner, "waited": w.waited} for w in info.waiters],
-        "last_token": info.last_token,
-    }
-
-
 def error_response(code: str, message: str, **extra: Any) -> JSONResponse:
     """The one error shape: ``{"error": code, "message": text, ...}``."""
     return JSONResponse(
@@ -162,10 +127,10 @@ async def acquire(
     if call.cancelled():
         raise BackendUnavailable("server is shutting down; retry", name=name, owner=owner)
     try:
-        return JSONResponse(grant_json(call.result()))
+        return JSONResponse(asdict(call.result()))
     except AcquireTimeout as exc:
         info = await backend.inspect(namespace, name)
-        holders = [holder_json(h) for h in info.holders]
+        holders = [asdict(h) for h in info.holders]
         return error_response(exc.code, exc.message, owner=owner, holders=holders)
 
 
@@ -185,7 +150,7 @@ async def extend(
 ) -> dict[str, Any]:
     """Only the holder may extend; 409 otherwise."""
     grant = await _backend(request).extend(namespace, name, body.owner, body.token, body.ttl)
-    return grant_json(grant)
+    return asdict(grant)
 
 
 @router.get("/v1/locks/{name:path}", summary="Holders, waiters and last token of a name")
@@ -193,7 +158,7 @@ async def inspect(
     name: str, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> dict[str, Any]:
     """Holders (owner, token, count, ttl left), waiters in order, last token."""
-    return info_json(await _backend(request).inspect(namespace, name))
+    return asdict(await _backend(request).inspect(namespace, name))
 
 
 @router.get("/v1/locks", summary="Names with holders or waiters, by prefix")
@@ -202,7 +167,7 @@ async def list_locks(
 ) -> dict[str, Any]:
     """Every held or awaited name starting with ``prefix``."""
     infos = await _backend(request).list_locks(namespace, prefix)
-    return {"locks": [info_json(info) for info in infos]}
+    return {"locks": [asdict(info) for info in infos]}
 
 
 @router.delete("/v1/locks/{name:path}", summary="Force-release a name (admin)")
@@ -211,7 +176,7 @@ async def force_release(
 ) -> dict[str, Any]:
     """Evict the holders (or one owner); their next extend or release gets 409 revoked."""
     evicted = await _backend(request).force_release(namespace, name, owner)
-    return {"name": name, "revoked": [holder_json(h) for h in evicted]}
+    return {"name": name, "revoked": [asdict(h) for h in evicted]}
 
 
 @router.get("/v1/info", summary="The store's capabilities and this server's limits")
