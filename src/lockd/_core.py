@@ -8,18 +8,21 @@ that reading; the memory and file backends wrap it with futures and persistence.
 Rules (each one is a contract item of docs/architecture.md):
 
 * A hold whose ``expires <= now`` is gone; every method first drops such holds of the
-  resource it touches (``_expire``), so expiry is decided by the store's clock only.
+  resource it touches (``_expire``), so expiry is decided by the store's clock only,
+  and grants the freed slots to the queue at once.
 * Reentrancy: an owner that already holds gets the same token and ``count + 1`` at once,
   even with waiters queued (queueing behind yourself would deadlock). Its expiry never
-  moves earlier.
+  moves earlier, and neither does the ttl a restart would restore.
 * A new owner is granted only when a slot is free *and* nobody is queued: arrivals never
   barge past waiters (FIFO). Otherwise it is denied, and the caller may ``enqueue``.
 * Whenever a slot frees (release, expiry, force-release, a waiter leaving), queued
-  waiters are granted in order, inside the same step (``_promote``). The grants are
-  returned to the caller as *handoffs* to deliver.
+  waiters are granted in order, inside the same step (``_settle``). The grants are
+  *handoffs* for the caller to deliver: the methods that free slots return them, and
+  ``take_handoffs`` returns any made along the way by other methods (an expiry noticed
+  by an acquire or inspect).
 * Tokens come from one counter for the whole table, so each new grant of a name gets a
   token strictly greater than every earlier grant of that name. Reentrant grants reuse
-  the holder's token.
+  the holder's token. Each name's last token is kept for introspection.
 * Release and extend match on owner and, when given, token. When no hold matches, the
   error says why: ``Revoked`` if an administrator took that token, ``LockLost`` if the
   token was issued here before (so the hold ended), else ``NotHeld``. Nothing changes.
@@ -101,9 +104,13 @@ class Changes:
     last_token: int | None
     revoked: list[int]
     requests: list[tuple[RequestKey, int]]
+    names: dict[Key, int]
+    """Each changed name's last token."""
 
     def __bool__(self) -> bool:
-        return bool(self.holds or self.last_token is not None or self.revoked or self.requests)
+        return bool(
+            self.holds or self.last_token is not None or self.revoked or self.requests or self.names
+        )
 
 
 class LockTable(Generic[W]):
@@ -118,6 +125,9 @@ class LockTable(Generic[W]):
         self._dirty_token = False
         self._new_revoked: list[int] = []
         self._new_requests: list[tuple[RequestKey, int]] = []
+        self._last_of: dict[Key, int] = {}
+        self._dirty_names: dict[Key, int] = {}
+        self._pending: list[tuple[Waiter[W], Grant]] = []
 
     # --- operations -------------------------------------------------------------------
 
@@ -153,10 +163,7 @@ class LockTable(Generic[W]):
             )  # fmt: skip
         hold = res.holds.get(owner)
         if hold is not None:
-            hold.count += 1
-            hold.ttl = ttl
-            hold.expires = max(hold.expires, now + ttl)
-            self._dirty_holds[(*key, owner)] = hold
+            self._reenter(key, hold, ttl, now)
         elif len(res.holds) < res.limit and not res.waiters:
             hold = self._new_hold(key, res, owner, ttl, now, wall)
         else:
@@ -185,7 +192,8 @@ class LockTable(Generic[W]):
         if res is None or waiter not in res.waiters:
             return []
         res.waiters.remove(waiter)
-        return self._settle(key, res, now)
+        self._pending += self._settle(key, res, now)
+        return self.take_handoffs()
 
     def release(
         self,
@@ -207,7 +215,8 @@ class LockTable(Generic[W]):
         else:
             self._dirty_holds[(*key, owner)] = hold
         self._remember(("release", *key, owner, request_id or ""), hold.count, request_id)
-        return hold.count, self._settle(key, res, now)
+        self._pending += self._settle(key, res, now)
+        return hold.count, self.take_handoffs()
 
     def extend(self, key: Key, owner: str, token: int | None, ttl: float, now: float) -> Grant:
         """Make the owner's hold last ``ttl`` from now."""
@@ -224,7 +233,7 @@ class LockTable(Generic[W]):
         """Evict every holder (or one owner); their tokens are recorded as revoked."""
         res = self._resources.get(key)
         if res is None:
-            return [], []
+            return [], self.take_handoffs()
         self._expire(key, res, now)
         evicted = [h for h in res.holds.values() if owner is None or h.owner == owner]
         for hold in evicted:
@@ -234,16 +243,20 @@ class LockTable(Generic[W]):
             self._new_revoked.append(hold.token)
         while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
             self._revoked.popitem(last=False)
-        return evicted, self._settle(key, res, now)
+        self._pending += self._settle(key, res, now)
+        return evicted, self.take_handoffs()
 
     def expire(self, now: float) -> list[tuple[Waiter[W], Grant]]:
         """Drop every hold past its ttl, across the table; returns the handoffs."""
-        handoffs: list[tuple[Waiter[W], Grant]] = []
         for key, res in list(self._resources.items()):
-            if self._expire(key, res, now):
-                handoffs += self._settle(key, res, now)
-            elif not (res.holds or res.waiters):
-                del self._resources[key]
+            self._expire(key, res, now)
+            if not (res.holds or res.waiters):
+                self._resources.pop(key, None)
+        return self.take_handoffs()
+
+    def take_handoffs(self) -> list[tuple[Waiter[W], Grant]]:
+        """Return and clear grants made to waiters that the caller has not been given yet."""
+        handoffs, self._pending = self._pending, []
         return handoffs
 
     # --- reading ----------------------------------------------------------------------
@@ -252,9 +265,11 @@ class LockTable(Generic[W]):
         """Holders, waiters and the last token issued by this table."""
         del wall
         res = self._resources.get(key)
+        if res is not None:
+            self._expire(key, res, now)
+        last = self._last_of.get(key, 0)
         if res is None:
-            return ResourceInfo(name=key[1], namespace=key[0], limit=1, last_token=self.last_token)
-        self._expire(key, res, now)
+            return ResourceInfo(name=key[1], namespace=key[0], limit=1, last_token=last)
         holders = tuple(
             HolderInfo(
                 owner=h.owner,
@@ -273,7 +288,7 @@ class LockTable(Generic[W]):
             limit=res.limit,
             holders=holders,
             waiters=waiters,
-            last_token=self.last_token,
+            last_token=last,
         )
 
     def names(self, namespace: str, prefix: str, now: float) -> list[str]:
@@ -305,9 +320,10 @@ class LockTable(Generic[W]):
             last_token=self.last_token if self._dirty_token else None,
             revoked=self._new_revoked,
             requests=self._new_requests,
+            names=self._dirty_names,
         )
         self._dirty_holds, self._dirty_token = {}, False
-        self._new_revoked, self._new_requests = [], []
+        self._new_revoked, self._new_requests, self._dirty_names = [], [], {}
         return changes
 
     def restore(
@@ -317,6 +333,7 @@ class LockTable(Generic[W]):
         revoked: list[int],
         requests: list[tuple[RequestKey, int]],
         now: float,
+        names: dict[Key, int] | None = None,
     ) -> None:
         """Load persisted state after a restart. Every hold gets its full ttl from ``now``:
 
@@ -332,6 +349,8 @@ class LockTable(Generic[W]):
             self._revoked[token] = None
         for request_key, value in requests:
             self._requests[request_key] = value
+        for key, token in (names or {}).items():
+            self._last_of[key] = max(self._last_of.get(key, 0), token)
 
     # --- internals --------------------------------------------------------------------
 
@@ -347,7 +366,7 @@ class LockTable(Generic[W]):
         name = key[1]
         if token is not None and token in self._revoked:
             raise Revoked("the hold was force-released", name=name, owner=owner, token=token)
-        if token is not None and 0 < token <= self.last_token:
+        if token is not None and 0 < token <= self._last_of.get(key, 0):
             raise LockLost("the hold has ended", name=name, owner=owner, token=token)
         raise NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
 
@@ -356,17 +375,26 @@ class LockTable(Generic[W]):
     ) -> Hold:
         self.last_token += 1
         self._dirty_token = True
+        self._last_of[key] = self._dirty_names[key] = self.last_token
         hold = Hold(owner, self.last_token, 1, ttl, res.limit, now, now + ttl, wall)
         res.holds[owner] = hold
         self._dirty_holds[(*key, owner)] = hold
         return hold
 
-    def _expire(self, key: Key, res: _Resource[W], now: float) -> bool:
+    def _expire(self, key: Key, res: _Resource[W], now: float) -> None:
         gone = [owner for owner, hold in res.holds.items() if hold.expires <= now]
         for owner in gone:
             del res.holds[owner]
             self._dirty_holds[(*key, owner)] = None
-        return bool(gone)
+        if gone:
+            self._pending += self._settle(key, res, now)
+
+    def _reenter(self, key: Key, hold: Hold, ttl: float, now: float) -> None:
+        hold.count += 1
+        if now + ttl >= hold.expires:  # the ttl a restart restores must not shrink either
+            hold.expires = now + ttl
+            hold.ttl = ttl
+        self._dirty_holds[(*key, hold.owner)] = hold
 
     def _settle(self, key: Key, res: _Resource[W], now: float) -> list[tuple[Waiter[W], Grant]]:
         """Grant queued waiters in order while slots are free; forget an idle resource."""
@@ -378,9 +406,7 @@ class LockTable(Generic[W]):
                 break
             res.waiters.pop(0)
             if hold is not None:
-                hold.count += 1
-                hold.expires = max(hold.expires, now + head.ttl)
-                self._dirty_holds[(*key, head.owner)] = hold
+                self._reenter(key, hold, head.ttl, now)
             else:
                 wall = head.acquired_at + (now - head.enqueued)  # display only
                 hold = self._new_hold(key, res, head.owner, head.ttl, now, wall)

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS holds (
     lim INTEGER NOT NULL, acquired_at REAL NOT NULL,
     PRIMARY KEY (namespace, name, owner)
 );
+CREATE TABLE IF NOT EXISTS names (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, last_token INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
 CREATE TABLE IF NOT EXISTS revoked (token INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS requests (
     op TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
@@ -113,7 +117,11 @@ class FileBackend(LocalBackend):
                 "SELECT op, namespace, name, owner, request_id, value FROM requests ORDER BY rowid"
             )
         ]
-        self._table.restore(holds, last_token, revoked, requests, self._clock())
+        names: dict[Key, int] = {
+            (ns, name): int(token)
+            for ns, name, token in db.execute("SELECT namespace, name, last_token FROM names")
+        }
+        self._table.restore(holds, last_token, revoked, requests, self._clock(), names)
 
     def _persist(self, changes: Changes) -> None:
         db = self._db
@@ -142,6 +150,10 @@ class FileBackend(LocalBackend):
                 "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)",
                 [(*key, value) for key, value in changes.requests],
             )
+            db.executemany(
+                "INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
+                [(*key, token) for key, token in changes.names.items()],
+            )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -159,6 +171,9 @@ class FileBackend(LocalBackend):
         """Close the database and let another process open the store."""
         if self._lock_fd < 0:
             return
+        if self._failure is None:
+            # Holds that ended must not come back at the next start with a fresh ttl.
+            self._after(None, self._table.expire(self._clock()))
         await super().aclose()
         self._db.close()
         os.close(self._lock_fd)

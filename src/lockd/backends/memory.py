@@ -17,12 +17,13 @@ from collections.abc import Callable
 
 from lockd._core import Changes, Key, LockTable, Waiter
 from lockd.backends.base import Backend
-from lockd.errors import AcquireTimeout, BackendUnavailable
+from lockd.errors import AcquireTimeout, BackendUnavailable, NotHeld
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
 
 __all__ = ["LocalBackend", "MemoryBackend"]
 
 Clock = Callable[[], float]
+Handoff = tuple[Waiter[asyncio.Future[Grant]], Grant]
 SWEEP_INTERVAL = 1.0
 """Seconds between sweeps of expired holds that nobody waits on."""
 
@@ -60,7 +61,7 @@ class LocalBackend(Backend):
         try:
             grant = self._table.acquire(key, owner, ttl, limit, now, self._wall(), request_id)
         finally:
-            self._commit()
+            self._after(key)
         if grant is not None:
             return grant
         if wait == 0:
@@ -93,12 +94,11 @@ class LocalBackend(Backend):
     ) -> int:
         self._check()
         key = (namespace, name)
+        handoffs: list[Handoff] = []
         try:
             left, handoffs = self._table.release(key, owner, token, self._clock(), request_id)
         finally:
-            self._commit()
-        self._deliver(handoffs)
-        self._arm_timer(key)
+            self._after(key, handoffs)
         return left
 
     async def _extend(
@@ -107,18 +107,17 @@ class LocalBackend(Backend):
         self._check()
         key = (namespace, name)
         try:
-            grant = self._table.extend(key, owner, token, ttl, self._clock())
+            return self._table.extend(key, owner, token, ttl, self._clock())
         finally:
-            self._commit()
-        self._arm_timer(key)
-        return grant
+            self._after(key)
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
         self._check()
+        key = (namespace, name)
         try:
-            return self._table.inspect((namespace, name), self._clock(), self._wall())
+            return self._table.inspect(key, self._clock(), self._wall())
         finally:
-            self._commit()
+            self._after(key)
 
     async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
         self._check()
@@ -129,7 +128,7 @@ class LocalBackend(Backend):
                 for name in self._table.names(namespace, prefix, now)
             ]
         finally:
-            self._commit()
+            self._after(None)
 
     async def _force_release(
         self, namespace: str, name: str, owner: str | None
@@ -137,13 +136,12 @@ class LocalBackend(Backend):
         self._check()
         key = (namespace, name)
         now = self._clock()
-        before = self._table.inspect(key, now, self._wall())
+        handoffs: list[Handoff] = []
         try:
+            before = self._table.inspect(key, now, self._wall())
             evicted, handoffs = self._table.force_release(key, owner, now)
         finally:
-            self._commit()
-        self._deliver(handoffs)
-        self._arm_timer(key)
+            self._after(key, handoffs)
         tokens = {hold.token for hold in evicted}
         return [h for h in before.holders if h.token in tokens]
 
@@ -181,26 +179,32 @@ class LocalBackend(Backend):
 
     # --- waking waiters ---------------------------------------------------------------
 
-    def _deliver(self, handoffs: list[tuple[Waiter[asyncio.Future[Grant]], Grant]]) -> None:
+    def _after(self, key: Key | None, handoffs: list[Handoff] | None = None) -> None:
+        """After every table step: persist what changed, then wake the waiters it granted."""
+        self._commit()
+        self._deliver([*(handoffs or ()), *self._table.take_handoffs()])
+        if key is not None:
+            self._arm_timer(key)
+
+    def _deliver(self, handoffs: list[Handoff]) -> None:
         for waiter, grant in handoffs:
             if waiter.wake.done():  # cannot happen: leaving dequeues at once. Never leak.
                 self._give_back(waiter.key, grant)
             else:
                 waiter.wake.set_result(grant)
+            self._arm_timer(waiter.key)
 
     def _give_back(self, key: Key, grant: Grant) -> None:
-        left, handoffs = self._table.release(key, grant.owner, grant.token, self._clock())
-        del left
-        self._commit()
-        self._deliver(handoffs)
-        self._arm_timer(key)
+        handoffs: list[Handoff] = []
+        try:
+            _, handoffs = self._table.release(key, grant.owner, grant.token, self._clock())
+        except NotHeld:
+            pass  # it ended meanwhile: nothing to give back
+        finally:
+            self._after(key, handoffs)
 
     def _leave(self, waiter: Waiter[asyncio.Future[Grant]]) -> None:
-        key = waiter.key
-        handoffs = self._table.dequeue(waiter, self._clock())
-        self._commit()
-        self._deliver(handoffs)
-        self._arm_timer(key)
+        self._after(waiter.key, self._table.dequeue(waiter, self._clock()))
 
     def _arm_timer(self, key: Key) -> None:
         """Wake the queue of ``key`` when its earliest hold expires."""
@@ -216,10 +220,7 @@ class LocalBackend(Backend):
 
     def _expire_now(self, key: Key) -> None:
         self._timers.pop(key, None)
-        handoffs = self._table.expire(self._clock())
-        self._commit()
-        self._deliver(handoffs)
-        self._arm_timer(key)
+        self._after(key, self._table.expire(self._clock()))
 
     def _start(self) -> None:
         if self._sweeper is None and not self._closed:
@@ -228,9 +229,7 @@ class LocalBackend(Backend):
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            handoffs = self._table.expire(self._clock())
-            self._commit()
-            self._deliver(handoffs)
+            self._after(None, self._table.expire(self._clock()))
             for key in self._table.waiting_keys():
                 if key not in self._timers:
                     self._arm_timer(key)

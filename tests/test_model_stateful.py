@@ -1,0 +1,468 @@
+"""Model-based tests: the memory and file backends, driven directly, against a pure model.
+
+A hypothesis state machine per backend tries acquires (``wait=0``), releases, extends,
+force-releases, retries of earlier requests (same request id), reads, and moves a fake
+store clock by hand; the file machine also restarts its store (``aclose`` and reopen of
+the same path, same clock). After each step the backend's answer must be the model's:
+the grant's token, count and ttl, or the exact error class.
+
+The model (``Model``) is small on purpose: per name, ``owner -> hold(token, count,
+expires)``; one table-wide token counter; revoked tokens; remembered request ids. A hold
+is alive while ``expires > now``. Clock steps and ttls are dyadic fractions, so every
+float below is exact and expiry boundaries are hit exactly.
+
+A restart may move a surviving hold's expiry (the store cannot know how long it was
+down), but only within the contract: never earlier than it was (safety), never more than
+the hold's ttl from the restart (liveness), and a hold that had already ended stays ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import tempfile
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import lockd.backends.memory as memory_module
+from lockd.backends.file import FileBackend
+from lockd.backends.memory import LocalBackend, MemoryBackend
+from lockd.errors import AcquireTimeout, InvalidRequest, LockError, LockLost, NotHeld, Revoked
+from lockd.model import Grant
+
+T = TypeVar("T")
+
+NS = "default"
+LIMITS = {"a": 1, "b": 1, "s": 2}
+"""Two locks and a semaphore of two."""
+NAMES = sorted(LIMITS)
+OWNERS = ["o1", "o2", "o3"]
+TTLS = [0.5, 1.0, 2.0, 4.0]
+STEPS = [0.25, 0.5, 1.0, 2.0, 4.5]
+START = 1024.0
+
+names = st.sampled_from(NAMES)
+owners = st.sampled_from(OWNERS)
+ttls = st.sampled_from(TTLS)
+# "known": the token the model knows for the owner's hold; None: no token; an int: any
+# token, usually a wrong one (issued to someone else, ended, or never issued).
+tokens = st.one_of(st.just("known"), st.none(), st.integers(1, 24))
+
+
+class FakeClock:
+    """The store's monotonic clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class MHold:
+    token: int
+    count: int
+    expires: float
+    max_ttl: float
+    """The longest ttl asked for this hold: a restart may not give it more than that."""
+
+
+Outcome = tuple[int, int, float] | type[LockError]
+"""(token, count, ttl) of a grant, or the error class the call must raise."""
+
+
+@dataclass
+class Model:
+    holds: dict[str, dict[str, MHold]] = field(default_factory=lambda: {n: {} for n in NAMES})
+    limits: dict[str, int] = field(default_factory=dict)
+    last_token: int = 0
+    last_of: dict[str, int] = field(default_factory=dict)
+    """Each name's last token (the store reports it per name)."""
+    revoked: set[int] = field(default_factory=set)
+    requests: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+
+    def live(self, name: str, now: float) -> dict[str, MHold]:
+        """The holds of ``name`` at ``now``; ended ones are dropped."""
+        holds = self.holds[name]
+        for owner in [o for o, h in holds.items() if h.expires <= now]:
+            del holds[owner]
+        return holds
+
+    def error_for(self, name: str, token: int | None) -> type[NotHeld]:
+        if token is not None and token in self.revoked:
+            return Revoked
+        if token is not None and 0 < token <= self.last_of.get(name, 0):
+            return LockLost
+        return NotHeld
+
+    def acquire(
+        self, name: str, owner: str, ttl: float, limit: int, now: float, rid: str | None
+    ) -> tuple[Outcome, bool]:
+        """The outcome, and whether it is a fresh grant (a new token)."""
+        holds = self.live(name, now)
+        key = ("acquire", name, owner, rid or "")
+        if rid is not None and key in self.requests:
+            hold = holds.get(owner)
+            if hold is None or hold.token != self.requests[key]:
+                return LockLost, False
+            return (hold.token, hold.count, hold.expires - now), False
+        if holds and self.limits[name] != limit:
+            return InvalidRequest, False
+        fresh = False
+        hold = holds.get(owner)
+        if hold is not None:
+            hold.count += 1
+            hold.expires = max(hold.expires, now + ttl)
+            hold.max_ttl = max(hold.max_ttl, ttl)
+        elif len(holds) < limit:
+            self.limits[name] = limit
+            self.last_token += 1
+            self.last_of[name] = self.last_token
+            hold = holds[owner] = MHold(self.last_token, 1, now + ttl, ttl)
+            fresh = True
+        else:
+            return AcquireTimeout, False
+        if rid is not None:
+            self.requests[key] = hold.token
+        return (hold.token, hold.count, hold.expires - now), fresh
+
+    def find(self, name: str, owner: str, token: int | None, now: float) -> MHold | None:
+        hold = self.live(name, now).get(owner)
+        if hold is None or (token is not None and hold.token != token):
+            return None
+        return hold
+
+    def release(
+        self, name: str, owner: str, token: int | None, now: float, rid: str | None
+    ) -> int | type[NotHeld]:
+        key = ("release", name, owner, rid or "")
+        if rid is not None and key in self.requests:
+            return self.requests[key]
+        hold = self.find(name, owner, token, now)
+        if hold is None:
+            return self.error_for(name, token)
+        hold.count -= 1
+        if hold.count == 0:
+            del self.holds[name][owner]
+        if rid is not None:
+            self.requests[key] = hold.count
+        return hold.count
+
+    def extend(self, name: str, owner: str, token: int | None, ttl: float, now: float) -> Outcome:
+        hold = self.find(name, owner, token, now)
+        if hold is None:
+            return self.error_for(name, token)
+        hold.expires = now + ttl
+        hold.max_ttl = max(hold.max_ttl, ttl)
+        return (hold.token, hold.count, ttl)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A request that carried a request id, kept to be retried verbatim."""
+
+    op: str
+    name: str
+    owner: str
+    token: int | None
+    ttl: float
+    limit: int
+    rid: str
+
+
+class BackendMachine(RuleBasedStateMachine):
+    """Rules shared by every backend; subclasses say how to open the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The slow sweep runs on real time and would drop expired holds at moments the
+        # test does not choose; keep it out so every run is a function of the steps.
+        self._sweep_interval = memory_module.SWEEP_INTERVAL
+        memory_module.SWEEP_INTERVAL = 1e9
+        self.clock = FakeClock()
+        self.runner = asyncio.Runner()
+        self.model = Model()
+        self.fresh_tokens: dict[str, list[int]] = {n: [] for n in NAMES}
+        self.sent: list[Sent] = []
+        self.rid_seq = 0
+        self.backend: LocalBackend = self.open()
+
+    def open(self) -> LocalBackend:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        try:
+            self.runner.run(self.backend.aclose())
+        finally:
+            self.runner.close()
+            memory_module.SWEEP_INTERVAL = self._sweep_interval
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T | LockError:
+        """Run one backend call in this machine's private loop; errors are returned."""
+        try:
+            return self.runner.run(coro)
+        except LockError as exc:
+            return exc
+
+    def new_rid(self, use: bool) -> str | None:
+        if not use:
+            return None
+        self.rid_seq += 1
+        return f"req-{self.rid_seq}"
+
+    def pick_token(self, name: str, owner: str, choice: int | str | None) -> int | None:
+        if choice != "known":
+            assert not isinstance(choice, str)
+            return choice
+        hold = self.model.holds[name].get(owner)
+        return hold.token if hold is not None else self.model.last_token + 1
+
+    def check_grant(self, got: Grant | LockError, want: Outcome, name: str, owner: str) -> None:
+        event("grant" if isinstance(got, Grant) else type(got).__name__)
+        if isinstance(want, type):
+            assert isinstance(got, LockError), f"expected {want.__name__}, got {got!r}"
+            assert type(got) is want, f"expected {want.__name__}, got {got!r}"
+            return
+        assert isinstance(got, Grant), f"expected a grant {want}, got {got!r}"
+        token, count, ttl = want
+        assert (got.name, got.owner) == (name, owner)
+        assert (got.token, got.count, got.ttl) == (token, count, ttl), (got, want)
+        assert got.waited == 0.0
+
+    def do_acquire(self, name: str, owner: str, ttl: float, limit: int, rid: str | None) -> None:
+        got = self.call(
+            self.backend.acquire(NS, name, owner, ttl=ttl, wait=0, limit=limit, request_id=rid)
+        )
+        want, fresh = self.model.acquire(name, owner, ttl, limit, self.clock.now, rid)
+        self.check_grant(got, want, name, owner)
+        if fresh:
+            assert isinstance(got, Grant)
+            self.fresh_tokens[name].append(got.token)
+
+    def do_release(self, name: str, owner: str, token: int | None, rid: str | None) -> None:
+        got = self.call(self.backend.release(NS, name, owner, token, rid))
+        want = self.model.release(name, owner, token, self.clock.now, rid)
+        event(f"release: {type(got).__name__}")
+        if isinstance(want, int):
+            assert got == want, f"release expected count {want}, got {got!r}"
+        else:
+            assert type(got) is want, f"release expected {want.__name__}, got {got!r}"
+
+    # --- rules --------------------------------------------------------------------------
+
+    @rule(name=names, owner=owners, ttl=ttls, with_rid=st.booleans())
+    def try_acquire(self, name: str, owner: str, ttl: float, with_rid: bool) -> None:
+        rid = self.new_rid(with_rid)
+        limit = LIMITS[name]
+        if rid is not None:
+            self.sent.append(Sent("acquire", name, owner, None, ttl, limit, rid))
+        self.do_acquire(name, owner, ttl, limit, rid)
+
+    @rule(name=names, owner=owners, ttl=ttls)
+    def try_acquire_with_wrong_limit(self, name: str, owner: str, ttl: float) -> None:
+        """Refused while the name is held with its own limit; else it sets a new limit."""
+        self.do_acquire(name, owner, ttl, 3 - LIMITS[name], None)
+
+    @rule(name=names, owner=owners, choice=tokens, with_rid=st.booleans())
+    def release(self, name: str, owner: str, choice: int | str | None, with_rid: bool) -> None:
+        token = self.pick_token(name, owner, choice)
+        rid = self.new_rid(with_rid)
+        if rid is not None:
+            self.sent.append(Sent("release", name, owner, token, 0.0, 0, rid))
+        self.do_release(name, owner, token, rid)
+
+    @rule(name=names, owner=owners, choice=tokens, ttl=ttls)
+    def extend(self, name: str, owner: str, choice: int | str | None, ttl: float) -> None:
+        token = self.pick_token(name, owner, choice)
+        got = self.call(self.backend.extend(NS, name, owner, token, ttl))
+        want = self.model.extend(name, owner, token, ttl, self.clock.now)
+        self.check_grant(got, want, name, owner)
+
+    @precondition(lambda self: bool(self.sent))
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        """Send an earlier request again with its request id: it applies once."""
+        sent = data.draw(st.sampled_from(self.sent))
+        if sent.op == "acquire":
+            self.do_acquire(sent.name, sent.owner, sent.ttl, sent.limit, sent.rid)
+        else:
+            self.do_release(sent.name, sent.owner, sent.token, sent.rid)
+
+    @rule(name=names, owner=st.one_of(st.none(), owners))
+    def force_release(self, name: str, owner: str | None) -> None:
+        got = self.call(self.backend.force_release(NS, name, owner))
+        holds = self.model.live(name, self.clock.now)
+        evicted = sorted((o, h.token) for o, h in holds.items() if owner in (None, o))
+        for o, token in evicted:
+            del holds[o]
+            self.model.revoked.add(token)
+        assert not isinstance(got, LockError), got
+        assert sorted((h.owner, h.token) for h in got) == evicted
+
+    @rule(step=st.sampled_from(STEPS))
+    def advance_time(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule(name=names)
+    def inspect(self, name: str) -> None:
+        info = self.call(self.backend.inspect(NS, name))
+        assert not isinstance(info, LockError), info
+        now = self.clock.now
+        want = sorted(
+            (o, h.token, h.count, h.expires - now) for o, h in self.model.live(name, now).items()
+        )
+        got = sorted((h.owner, h.token, h.count, h.ttl_left) for h in info.holders)
+        assert got == want, f"holders of {name!r}: store {got}, model {want}"
+        assert info.last_token == self.model.last_of.get(name, 0)
+        if info.holders:
+            assert info.limit == self.model.limits[name]
+            assert len(info.holders) <= info.limit
+        assert info.waiters == ()
+
+    @rule()
+    def list_locks(self) -> None:
+        infos = self.call(self.backend.list_locks(NS))
+        assert not isinstance(infos, LockError), infos
+        now = self.clock.now
+        want = {
+            name: sorted((o, h.token) for o, h in self.model.live(name, now).items())
+            for name in NAMES
+        }
+        got = {info.name: sorted((h.owner, h.token) for h in info.holders) for info in infos}
+        assert got == {name: holders for name, holders in want.items() if holders}
+
+    # --- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def never_more_than_limit_holders(self) -> None:
+        for name in NAMES:
+            holds = self.model.live(name, self.clock.now)
+            if holds:
+                assert len(holds) <= self.model.limits[name]
+
+    @invariant()
+    def tokens_strictly_increase_per_name(self) -> None:
+        for name, seen in self.fresh_tokens.items():
+            assert all(a < b for a, b in itertools.pairwise(seen)), (name, seen)
+            assert all(t <= self.model.last_token for t in seen)
+
+
+class MemoryMachine(BackendMachine):
+    def open(self) -> LocalBackend:
+        return MemoryBackend("memory://model", clock=self.clock)
+
+
+class FileMachine(BackendMachine):
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="lockd-model-")
+        try:
+            super().__init__()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def open(self) -> LocalBackend:
+        return FileBackend(self.dir, clock=self.clock)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule()
+    def restart(self) -> None:
+        """Close the store and open it again: holds, tokens, revocations, request ids stay."""
+        self.runner.run(self.backend.aclose())
+        self.backend = self.open()
+        now = self.clock.now
+        for name in NAMES:
+            info = self.call(self.backend.inspect(NS, name))
+            assert not isinstance(info, LockError), info
+            live = self.model.live(name, now)
+            got = sorted((h.owner, h.token, h.count) for h in info.holders)
+            want = sorted((o, h.token, h.count) for o, h in live.items())
+            assert got == want, (
+                f"after restart {name!r} is held by {got}; before it, by {want} "
+                "(a hold that had ended came back, or a live one was lost)"
+            )
+            assert info.last_token == self.model.last_of.get(name, 0)
+            for holder in info.holders:
+                hold = live[holder.owner]
+                assert holder.ttl_left >= hold.expires - now, (
+                    f"restart shortened {name!r} of {holder.owner}: "
+                    f"{hold.expires - now}s left before, {holder.ttl_left}s after"
+                )
+                assert holder.ttl_left <= hold.max_ttl, (
+                    f"restart gave {name!r} of {holder.owner} {holder.ttl_left}s, "
+                    f"more than its ttl {hold.max_ttl}s"
+                )
+                hold.expires = now + holder.ttl_left
+
+
+SETTINGS = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+TestMemoryBackendModel = MemoryMachine.TestCase
+TestMemoryBackendModel.settings = SETTINGS
+TestFileBackendModel = FileMachine.TestCase
+TestFileBackendModel.settings = SETTINGS
+
+
+# --- the smallest cases the file machine has found, as plain tests ----------------------------
+
+
+async def test_file_restart_does_not_bring_back_an_ended_hold(tmp_path: Path) -> None:
+    """A hold that ended before a restart stays ended, even if nobody looked at it since.
+
+    Contract item 2: after its ttl, the owner's extend and release fail with "lost".
+    """
+    clock = FakeClock()
+    store = FileBackend(tmp_path, clock=clock)
+    try:
+        grant = await store.acquire(NS, "a", "o1", ttl=0.5, wait=0)
+        clock.now += 1.0  # the hold ended at +0.5 by the store's clock
+    finally:
+        await store.aclose()
+    store = FileBackend(tmp_path, clock=clock)
+    try:
+        assert (await store.inspect(NS, "a")).holders == ()
+        with pytest.raises(LockLost):
+            await store.extend(NS, "a", "o1", grant.token, 5.0)
+    finally:
+        await store.aclose()
+
+
+async def test_file_restart_never_shortens_a_reentered_hold(tmp_path: Path) -> None:
+    """o1 holds for 4 s, re-enters with ttl 0.5 (expiry stays at 4 s), the store restarts:
+    o2 must not get the lock 1 s later."""
+    clock = FakeClock()
+    store = FileBackend(tmp_path, clock=clock)
+    try:
+        await store.acquire(NS, "a", "o1", ttl=4.0, wait=0)
+        again = await store.acquire(NS, "a", "o1", ttl=0.5, wait=0)
+        assert again.ttl == 4.0
+    finally:
+        await store.aclose()
+    store = FileBackend(tmp_path, clock=clock)
+    try:
+        clock.now += 1.0
+        with pytest.raises(AcquireTimeout):
+            await store.acquire(NS, "a", "o2", ttl=1.0, wait=0)
+    finally:
+        await store.aclose()
