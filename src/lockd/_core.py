@@ -38,7 +38,7 @@ dirty so the file backend can persist exactly that before it answers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from lockd.errors import InvalidRequest, LockLost, NotHeld, Revoked
@@ -300,12 +300,23 @@ class LockTable(Generic[W]):
             if ns == namespace and name.startswith(prefix) and (res.holds or res.waiters)
         )
 
+    def live_holders(self, key: Key, now: float) -> list[tuple[str, int]]:
+        """(owner, token) of the holds of ``key`` live at ``now``, changing nothing."""
+        res = self._resources.get(key)
+        holds = () if res is None else res.holds.values()
+        return sorted(((h.owner, h.token) for h in holds if h.expires > now), key=lambda x: x[1])
+
     def next_expiry(self, key: Key) -> float | None:
         """When the earliest hold of a resource with waiters expires (for a wake-up timer)."""
         res = self._resources.get(key)
         if res is None or not res.waiters or not res.holds:
             return None
         return min(h.expires for h in res.holds.values())
+
+    def waiters_of(self, key: Key) -> list[Waiter[W]]:
+        """The queue of ``key``, in order."""
+        res = self._resources.get(key)
+        return [] if res is None else list(res.waiters)
 
     def waiting_keys(self) -> list[Key]:
         """Resources that have waiters."""
@@ -316,7 +327,8 @@ class LockTable(Generic[W]):
     def take_changes(self) -> Changes:
         """Return and clear what changed since the last call."""
         changes = Changes(
-            holds=self._dirty_holds,
+            # Copies: the writer may run after later steps changed the live holds.
+            holds={k: None if h is None else replace(h) for k, h in self._dirty_holds.items()},
             last_token=self.last_token if self._dirty_token else None,
             revoked=self._new_revoked,
             requests=self._new_requests,

@@ -1,11 +1,19 @@
-"""The in-process store (``memory://``), and the waiting machinery the file store reuses.
+"""The in-process store (``memory://``), and the machinery the file store reuses.
 
-The :class:`~lockd._core.LockTable` decides; this module delivers its decisions with
-asyncio futures. A blocked acquire waits on its own future, which a release, expiry or
-force-release resolves directly (a *handoff*), so waiters wake without polling. A timer
-per waited-on resource fires at its earliest hold expiry; a slow sweep drops idle
-expired holds. ``_persist`` is called with every change before any caller is answered:
-the memory store keeps nothing, the file store writes it to disk.
+The :class:`~lockd._core.LockTable` decides; this module makes its decisions durable
+(through ``_flush``) and delivers them with asyncio futures.
+
+Every operation is one *step*: a synchronous call into the table, whose changes and
+handoffs are captured at once, then ``await self._flush(changes)``, then the handoffs
+are delivered and timers re-armed. Nobody hears of a change before it is durable: the
+caller's answer and the woken waiters both wait for the flush. The flush runs to its
+end even if the caller is cancelled (it is its own task); a caller that leaves gives
+back what the step granted it. The memory store persists nothing and skips the flush;
+the file store batches the changes of every step waiting on it into one transaction.
+
+A blocked acquire waits on its own future, which a release, expiry or force-release
+resolves directly (a *handoff*), so waiters wake without polling. A timer per waited-on
+resource fires at its earliest hold expiry; a slow sweep drops idle expired holds.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from lockd._core import Changes, Key, LockTable, Waiter
 from lockd.backends.base import Backend
@@ -22,8 +31,11 @@ from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLev
 
 __all__ = ["LocalBackend", "MemoryBackend"]
 
+T = TypeVar("T")
 Clock = Callable[[], float]
-Handoff = tuple[Waiter[asyncio.Future[Grant]], Grant]
+Wake = asyncio.Future[Grant]
+Handoff = tuple[Waiter[Wake], Grant]
+Step = Callable[[], tuple[T, list[Handoff]]]
 SWEEP_INTERVAL = 1.0
 """Seconds between sweeps of expired holds that nobody waits on."""
 
@@ -35,11 +47,15 @@ class LocalBackend(Backend):
         self.url = url
         self._clock = clock
         self._wall = wall
-        self._table: LockTable[asyncio.Future[Grant]] = LockTable()
+        self._table: LockTable[Wake] = LockTable()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
         self._closed = False
         self._failure: BackendUnavailable | None = None
+
+    _persistent = False
+    """Whether ``_flush`` must run before anyone hears of a change."""
 
     # --- the contract -----------------------------------------------------------------
 
@@ -57,36 +73,36 @@ class LocalBackend(Backend):
         self._check()
         self._start()
         key = (namespace, name)
-        now = self._clock()
-        try:
+
+        def step() -> tuple[Grant | Waiter[Wake] | None, list[Handoff]]:
+            now = self._clock()
             grant = self._table.acquire(key, owner, ttl, limit, now, self._wall(), request_id)
-        finally:
-            self._after(key)
-        if grant is not None:
-            return grant
-        if wait == 0:
+            if grant is not None or wait == 0:
+                return grant, []
+            # Queue in the same step as the denial: no release can slip in between.
+            waiter = Waiter(key, owner, ttl, now, self._loop().create_future(), request_id,
+                            self._wall())  # fmt: skip
+            replaced = self._table.enqueue(waiter)
+            if replaced is not None and not replaced.wake.done():
+                replaced.wake.set_exception(self._timeout(key, owner, "replaced by a retry"))
+            return waiter, []
+
+        outcome = await self._durably(key, step, undo=lambda got: self._undo_acquire(key, got))
+        if isinstance(outcome, Grant):
+            return outcome
+        if outcome is None:
             raise self._timeout(key, owner)
-        loop = asyncio.get_running_loop()
-        waiter: Waiter[asyncio.Future[Grant]] = Waiter(
-            key, owner, ttl, now, loop.create_future(), request_id, self._wall()
-        )
-        replaced = self._table.enqueue(waiter)
-        if replaced is not None and not replaced.wake.done():
-            replaced.wake.set_exception(self._timeout(key, owner, "replaced by a retry"))
-        self._arm_timer(key)
+        waiter = outcome
         try:
             async with asyncio.timeout(wait):
                 return await asyncio.shield(waiter.wake)
         except TimeoutError:
             if _granted(waiter.wake):
                 return waiter.wake.result()
-            self._leave(waiter)
+            self._background(self._leave(waiter))
             raise self._timeout(key, owner) from None
         except asyncio.CancelledError:
-            if _granted(waiter.wake):
-                self._give_back(key, waiter.wake.result())
-            else:
-                self._leave(waiter)
+            self._undo_acquire(key, waiter)
             raise
 
     async def _release(
@@ -94,82 +110,119 @@ class LocalBackend(Backend):
     ) -> int:
         self._check()
         key = (namespace, name)
-        handoffs: list[Handoff] = []
-        try:
-            left, handoffs = self._table.release(key, owner, token, self._clock(), request_id)
-        finally:
-            self._after(key, handoffs)
-        return left
+        return await self._durably(
+            key, lambda: self._table.release(key, owner, token, self._clock(), request_id)
+        )
 
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
         self._check()
         key = (namespace, name)
-        try:
-            return self._table.extend(key, owner, token, ttl, self._clock())
-        finally:
-            self._after(key)
+        return await self._durably(
+            key, lambda: (self._table.extend(key, owner, token, ttl, self._clock()), [])
+        )
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
         self._check()
         key = (namespace, name)
-        try:
-            return self._table.inspect(key, self._clock(), self._wall())
-        finally:
-            self._after(key)
+        return await self._durably(
+            key, lambda: (self._table.inspect(key, self._clock(), self._wall()), [])
+        )
 
     async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
         self._check()
-        now, wall = self._clock(), self._wall()
-        try:
-            return [
-                self._table.inspect((namespace, name), now, wall)
-                for name in self._table.names(namespace, prefix, now)
-            ]
-        finally:
-            self._after(None)
+
+        def step() -> tuple[list[ResourceInfo], list[Handoff]]:
+            now, wall = self._clock(), self._wall()
+            names = self._table.names(namespace, prefix, now)
+            return [self._table.inspect((namespace, name), now, wall) for name in names], []
+
+        return await self._durably(None, step)
 
     async def _force_release(
         self, namespace: str, name: str, owner: str | None
     ) -> list[HolderInfo]:
         self._check()
         key = (namespace, name)
-        now = self._clock()
-        handoffs: list[Handoff] = []
-        try:
+
+        def step() -> tuple[list[HolderInfo], list[Handoff]]:
+            now = self._clock()
             before = self._table.inspect(key, now, self._wall())
             evicted, handoffs = self._table.force_release(key, owner, now)
-        finally:
-            self._after(key, handoffs)
-        tokens = {hold.token for hold in evicted}
-        return [h for h in before.holders if h.token in tokens]
+            tokens = {hold.token for hold in evicted}
+            return [h for h in before.holders if h.token in tokens], handoffs
+
+        return await self._durably(key, step)
 
     async def aclose(self) -> None:
-        """Stop timers; waiters still queued are told the store closed."""
+        """Finish pending steps and stop timers."""
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
 
-    # --- persistence hook -------------------------------------------------------------
+    # --- steps ------------------------------------------------------------------------
 
-    def _persist(self, changes: Changes) -> None:
-        """Write ``changes`` durably before any caller hears of them (memory: nothing)."""
+    async def _durably(
+        self, key: Key | None, step: Step[T], undo: Callable[[T], None] | None = None
+    ) -> T:
+        """Run ``step`` and return its result once its changes are durable.
 
-    def _commit(self) -> None:
+        The step itself runs synchronously, so it is atomic. If it changed anything that
+        must be persisted, the flush and the wake-ups run as their own task, to the end
+        even if the caller is cancelled; a caller that leaves gets nothing, and ``undo``
+        gives back what the step granted it.
+        """
+        handoffs: list[Handoff] = []
+        error: Exception | None = None
+        try:
+            result, handoffs = step()
+        except Exception as exc:  # the step's own error; its other changes still count
+            error = exc
+        # Captured before any await: another step's changes are not ours to announce.
+        handoffs = [*handoffs, *self._table.take_handoffs()]
         changes = self._table.take_changes()
-        if changes:
+        if changes and self._persistent:
+            task = self._loop().create_task(self._publish(key, changes, handoffs))
             try:
-                self._persist(changes)
-            except BackendUnavailable as exc:
-                # Memory is now ahead of the disk: refuse everything rather than guess.
-                self._failure = exc
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if undo is not None and error is None:
+                    task.add_done_callback(lambda t: _succeeded(t) and undo(result))
                 raise
+        else:
+            self._announce(key, handoffs)
+        if error is not None:
+            raise error
+        return result
+
+    async def _publish(self, key: Key | None, changes: Changes, handoffs: list[Handoff]) -> None:
+        await self._flush_or_fail(changes)
+        self._announce(key, handoffs)
+
+    def _announce(self, key: Key | None, handoffs: list[Handoff]) -> None:
+        self._deliver(handoffs)
+        if key is not None:
+            self._arm_timer(key)
+
+    async def _flush_or_fail(self, changes: Changes) -> None:
+        try:
+            await self._flush(changes)
+        except BackendUnavailable as exc:
+            # Memory is now ahead of the disk: refuse everything rather than guess.
+            self._failure = exc
+            self._fail_waiters(exc)
+            raise
+
+    async def _flush(self, changes: Changes) -> None:
+        """Make ``changes`` durable (the memory store keeps nothing)."""
 
     def _check(self) -> None:
         if self._failure is not None:
@@ -177,34 +230,43 @@ class LocalBackend(Backend):
         if self._closed:
             raise BackendUnavailable(f"{self.url} is closed")
 
-    # --- waking waiters ---------------------------------------------------------------
+    def _undo_acquire(self, key: Key, outcome: Grant | Waiter[Wake] | None) -> None:
+        """Give back what an acquire got for a caller that left."""
+        if isinstance(outcome, Waiter):
+            if _granted(outcome.wake):
+                self._background(self._give_back(key, outcome.wake.result()))
+            else:
+                self._background(self._leave(outcome))
+        elif outcome is not None:
+            self._background(self._give_back(key, outcome))
 
-    def _after(self, key: Key | None, handoffs: list[Handoff] | None = None) -> None:
-        """After every table step: persist what changed, then wake the waiters it granted."""
-        self._commit()
-        self._deliver([*(handoffs or ()), *self._table.take_handoffs()])
-        if key is not None:
-            self._arm_timer(key)
+    # --- waking waiters ---------------------------------------------------------------
 
     def _deliver(self, handoffs: list[Handoff]) -> None:
         for waiter, grant in handoffs:
-            if waiter.wake.done():  # cannot happen: leaving dequeues at once. Never leak.
-                self._give_back(waiter.key, grant)
+            if waiter.wake.done():  # its caller left after the grant was made: give it back
+                self._background(self._give_back(waiter.key, grant))
             else:
                 waiter.wake.set_result(grant)
             self._arm_timer(waiter.key)
 
-    def _give_back(self, key: Key, grant: Grant) -> None:
-        handoffs: list[Handoff] = []
-        try:
-            _, handoffs = self._table.release(key, grant.owner, grant.token, self._clock())
-        except NotHeld:
-            pass  # it ended meanwhile: nothing to give back
-        finally:
-            self._after(key, handoffs)
+    async def _give_back(self, key: Key, grant: Grant) -> None:
+        def step() -> tuple[None, list[Handoff]]:
+            try:
+                return None, self._table.release(key, grant.owner, grant.token, self._clock())[1]
+            except NotHeld:
+                return None, []  # it ended meanwhile: nothing to give back
 
-    def _leave(self, waiter: Waiter[asyncio.Future[Grant]]) -> None:
-        self._after(waiter.key, self._table.dequeue(waiter, self._clock()))
+        await self._durably(key, step)
+
+    async def _leave(self, waiter: Waiter[Wake]) -> None:
+        await self._durably(waiter.key, lambda: (None, self._table.dequeue(waiter, self._clock())))
+
+    def _fail_waiters(self, error: BackendUnavailable) -> None:
+        for key in self._table.waiting_keys():
+            for waiter in self._table.waiters_of(key):
+                if not waiter.wake.done():
+                    waiter.wake.set_exception(error)
 
     def _arm_timer(self, key: Key) -> None:
         """Wake the queue of ``key`` when its earliest hold expires."""
@@ -214,29 +276,38 @@ class LocalBackend(Backend):
         due = self._table.next_expiry(key)
         if due is None or self._closed:
             return
-        loop = asyncio.get_running_loop()
         delay = max(0.0, due - self._clock())
-        self._timers[key] = loop.call_later(delay, self._expire_now, key)
+        self._timers[key] = self._loop().call_later(delay, self._expire_now, key)
 
     def _expire_now(self, key: Key) -> None:
         self._timers.pop(key, None)
-        self._after(key, self._table.expire(self._clock()))
+        self._background(self._durably(key, lambda: (None, self._table.expire(self._clock()))))
 
     def _start(self) -> None:
         if self._sweeper is None and not self._closed:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = self._loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self._after(None, self._table.expire(self._clock()))
+            with contextlib.suppress(BackendUnavailable):
+                await self._durably(None, lambda: (None, self._table.expire(self._clock())))
             for key in self._table.waiting_keys():
                 if key not in self._timers:
                     self._arm_timer(key)
 
+    def _background(self, coro: object) -> None:
+        task: asyncio.Task[object] = self._loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
     def _timeout(self, key: Key, owner: str, why: str = "") -> AcquireTimeout:
-        info = self._table.inspect(key, self._clock(), self._wall())
-        holders = ", ".join(f"{h.owner} (token {h.token})" for h in info.holders) or "nobody"
+        live = self._table.live_holders(key, self._clock())
+        holders = ", ".join(f"{o} (token {t})" for o, t in live) or "nobody"
         detail = f"; {why}" if why else ""
         return AcquireTimeout(
             f"{key[1]!r} was not granted in time; held by {holders}{detail}",
@@ -245,8 +316,12 @@ class LocalBackend(Backend):
         )
 
 
-def _granted(future: asyncio.Future[Grant]) -> bool:
+def _granted(future: Wake) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _succeeded(task: asyncio.Task[T]) -> bool:
+    return not task.cancelled() and task.exception() is None
 
 
 class MemoryBackend(LocalBackend):
