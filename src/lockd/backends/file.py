@@ -41,7 +41,6 @@ from lockd.model import Capabilities, SafetyLevel
 __all__ = ["FileBackend"]
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (
     namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
     token INTEGER NOT NULL, count INTEGER NOT NULL, ttl REAL NOT NULL,
@@ -112,8 +111,9 @@ class FileBackend(LocalBackend):
 
     def _restore(self) -> None:
         db = self._db
-        row = db.execute("SELECT value FROM meta WHERE key = 'last_token'").fetchone()
-        last_token = int(row[0]) if row else 0
+        # The counter is the highest token any name got (the names table keeps each).
+        row = db.execute("SELECT max(last_token) FROM names").fetchone()
+        last_token = int(row[0]) if row and row[0] is not None else 0
         holds: list[tuple[Key, Hold]] = [
             ((ns, name), Hold(owner, token, count, ttl, lim, 0.0, 0.0, acquired_at))
             for ns, name, owner, token, count, ttl, lim, acquired_at in db.execute(
@@ -189,10 +189,6 @@ class FileBackend(LocalBackend):
                     (ns, name, owner, hold.token, hold.count, hold.ttl, hold.limit,
                      hold.acquired_at),
                 )  # fmt: skip
-        if changes.last_token is not None:
-            db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('last_token', ?)", (changes.last_token,)
-            )
         db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)", [(t,) for t in changes.revoked])
         db.executemany(
             "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)",
