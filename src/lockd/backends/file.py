@@ -6,7 +6,7 @@ Why SQLite: it is in the standard library, its WAL journal survives kill -9 and 
 makes "persist before replying" simple. A token is therefore on disk before anyone sees
 it, so none is ever handed out twice, whatever moment the process dies at.
 
-Group commit: steps hand their changes to ``_flush``, which queues them; one writer
+Group commit: steps hand their changes to ``_persist``, which queues them; one writer
 thread writes everything queued in one transaction (one fsync) while the event loop
 goes on serving, and then every step of that batch is answered. Under load the batches
 grow, so the fsync cost is shared.
@@ -95,7 +95,8 @@ class FileBackend(LocalBackend):
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockd-file")
         self._batch: list[Changes] = []
         self._batch_done: asyncio.Future[None] | None = None
-        self._writing: asyncio.Task[None] | None = None
+        self._writing = False
+        self._last_done: asyncio.Future[None] | None = None
         try:
             self._db = sqlite3.connect(
                 self.path / "lockd.db", isolation_level=None, check_same_thread=False
@@ -137,67 +138,65 @@ class FileBackend(LocalBackend):
         }
         self._table.restore(holds, last_token, revoked, requests, self._clock(), names)
 
-    async def _flush(self, changes: Changes) -> None:
-        """Queue ``changes`` for the next transaction and wait until it is committed."""
-        loop = asyncio.get_running_loop()
+    def _persist(self, changes: Changes) -> asyncio.Future[None]:
+        """Queue ``changes`` for the next transaction; the future completes at its commit."""
         if self._batch_done is None:
-            self._batch_done = loop.create_future()
+            self._batch_done = self._last_done = asyncio.get_running_loop().create_future()
         done = self._batch_done
         self._batch.append(changes)
-        if self._writing is None or self._writing.done():
-            self._writing = loop.create_task(self._write_batches())
-        await asyncio.shield(done)
+        if not self._writing:
+            self._write_next()
+        return done
 
-    async def _write_batches(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._batch:
-            batch, done = self._batch, self._batch_done
-            self._batch, self._batch_done = [], None
-            assert done is not None
-            try:
-                await loop.run_in_executor(self._writer, self._write, batch)
-            except BackendUnavailable as exc:
-                done.set_exception(exc)
-                done.exception()  # retrieved here: every waiter re-raises it
-            else:
-                done.set_result(None)
+    def _write_next(self) -> None:
+        batch, done = self._batch, self._batch_done
+        self._batch, self._batch_done = [], None
+        assert done is not None
+        self._writing = True
+        written = asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch)
+        written.add_done_callback(lambda f: self._written(f, done))
+
+    def _written(self, written: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+        self._writing = False
+        failure = written.exception()
+        if failure is None:
+            done.set_result(None)
+        else:
+            done.set_exception(failure)
+        if self._batch:
+            self._write_next()
 
     def _write(self, batch: list[Changes]) -> None:
-        """One transaction for every step of the batch (runs in the writer thread)."""
+        """One transaction for every step of the batch (runs in the writer thread).
+
+        Later steps supersede earlier ones, so the batch is merged first and written
+        with one statement per table.
+        """
+        holds: dict[tuple[str, str, str], Hold | None] = {}
+        names: dict[Key, int] = {}
+        for changes in batch:
+            holds.update(changes.holds)
+            names.update(changes.names)
+        gone = [key for key, hold in holds.items() if hold is None]
+        kept = [(*key, h.token, h.count, h.ttl, h.limit, h.acquired_at)
+                for key, h in holds.items() if h is not None]  # fmt: skip
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            for changes in batch:
-                self._write_changes(db, changes)
+            db.executemany("DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?", gone)
+            db.executemany("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)", kept)
+            db.executemany("INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
+                           [(*key, token) for key, token in names.items()])  # fmt: skip
+            db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)",
+                           [(t,) for changes in batch for t in changes.revoked])  # fmt: skip
+            db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                           [(*key, value) for changes in batch
+                            for key, value in changes.requests])  # fmt: skip
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise BackendUnavailable(f"file store {self.path} failed to write: {exc}") from exc
-
-    @staticmethod
-    def _write_changes(db: sqlite3.Connection, changes: Changes) -> None:
-        for (ns, name, owner), hold in changes.holds.items():
-            if hold is None:
-                db.execute(
-                    "DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?",
-                    (ns, name, owner),
-                )
-            else:
-                db.execute(
-                    "INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (ns, name, owner, hold.token, hold.count, hold.ttl, hold.limit,
-                     hold.acquired_at),
-                )  # fmt: skip
-        db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)", [(t,) for t in changes.revoked])
-        db.executemany(
-            "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)",
-            [(*key, value) for key, value in changes.requests],
-        )
-        db.executemany(
-            "INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
-            [(*key, token) for key, token in changes.names.items()],
-        )
 
     async def ping(self) -> None:
         """Check the database answers."""
@@ -217,8 +216,8 @@ class FileBackend(LocalBackend):
             with contextlib.suppress(BackendUnavailable):
                 await self._durably(None, lambda: (None, self._table.expire(self._clock())))
         await super().aclose()
-        if self._writing is not None:
-            await asyncio.gather(self._writing, return_exceptions=True)
+        if self._last_done is not None:  # batches commit in order: the last one ends them all
+            await asyncio.gather(self._last_done, return_exceptions=True)
         self._writer.shutdown()
         self._db.close()
         os.close(self._lock_fd)

@@ -1,15 +1,15 @@
 """The in-process store (``memory://``), and the machinery the file store reuses.
 
 The :class:`~lockd._core.LockTable` decides; this module makes its decisions durable
-(through ``_flush``) and delivers them with asyncio futures.
+(through ``_persist``) and delivers them with asyncio futures.
 
 Every operation is one *step*: a synchronous call into the table, whose changes and
-handoffs are captured at once, then ``await self._flush(changes)``, then the handoffs
-are delivered and timers re-armed. Nobody hears of a change before it is durable: the
-caller's answer and the woken waiters both wait for the flush. The flush runs to its
-end even if the caller is cancelled (it is its own task); a caller that leaves gives
-back what the step granted it. The memory store persists nothing and skips the flush;
-the file store batches the changes of every step waiting on it into one transaction.
+handoffs are captured at once; ``_persist(changes)`` returns a future that completes
+when they are durable, and only then are the handoffs delivered (by a callback on that
+future, so it happens even if the caller is cancelled) and the caller answered. A
+caller that leaves before that gives back what the step granted it. The memory store
+persists nothing and skips all that; the file store batches the changes of every step
+waiting on it into one transaction.
 
 A blocked acquire waits on its own future, which a release, expiry or force-release
 resolves directly (a *handoff*), so waiters wake without polling. A timer per waited-on
@@ -55,7 +55,7 @@ class LocalBackend(Backend):
         self._failure: BackendUnavailable | None = None
 
     _persistent = False
-    """Whether ``_flush`` must run before anyone hears of a change."""
+    """Whether ``_persist`` must run before anyone hears of a change."""
 
     # --- the contract -----------------------------------------------------------------
 
@@ -190,12 +190,13 @@ class LocalBackend(Backend):
         handoffs = [*handoffs, *self._table.take_handoffs()]
         changes = self._table.take_changes()
         if changes and self._persistent:
-            task = self._loop().create_task(self._publish(key, changes, handoffs))
+            durable = self._persist(changes)
+            durable.add_done_callback(lambda f: self._announce_durable(f, key, handoffs))
             try:
-                await asyncio.shield(task)
+                await asyncio.shield(durable)
             except asyncio.CancelledError:
                 if undo is not None and error is None:
-                    task.add_done_callback(lambda t: _succeeded(t) and undo(result))
+                    durable.add_done_callback(lambda f: _succeeded(f) and undo(result))
                 raise
         else:
             self._announce(key, handoffs)
@@ -203,26 +204,25 @@ class LocalBackend(Backend):
             raise error
         return result
 
-    async def _publish(self, key: Key | None, changes: Changes, handoffs: list[Handoff]) -> None:
-        await self._flush_or_fail(changes)
-        self._announce(key, handoffs)
+    def _announce_durable(
+        self, durable: asyncio.Future[None], key: Key | None, handoffs: list[Handoff]
+    ) -> None:
+        failure = durable.exception()
+        if isinstance(failure, BackendUnavailable):
+            # Memory is now ahead of the disk: refuse everything rather than guess.
+            self._failure = failure
+            self._fail_waiters(failure)
+        elif failure is None:
+            self._announce(key, handoffs)
 
     def _announce(self, key: Key | None, handoffs: list[Handoff]) -> None:
         self._deliver(handoffs)
         if key is not None:
             self._arm_timer(key)
 
-    async def _flush_or_fail(self, changes: Changes) -> None:
-        try:
-            await self._flush(changes)
-        except BackendUnavailable as exc:
-            # Memory is now ahead of the disk: refuse everything rather than guess.
-            self._failure = exc
-            self._fail_waiters(exc)
-            raise
-
-    async def _flush(self, changes: Changes) -> None:
-        """Make ``changes`` durable (the memory store keeps nothing)."""
+    def _persist(self, changes: Changes) -> asyncio.Future[None]:
+        """Start making ``changes`` durable; the future completes when they are."""
+        raise NotImplementedError
 
     def _check(self) -> None:
         if self._failure is not None:
@@ -320,8 +320,8 @@ def _granted(future: Wake) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _succeeded(task: asyncio.Task[T]) -> bool:
-    return not task.cancelled() and task.exception() is None
+def _succeeded(future: asyncio.Future[T]) -> bool:
+    return not future.cancelled() and future.exception() is None
 
 
 class MemoryBackend(LocalBackend):
