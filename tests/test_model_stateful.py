@@ -97,7 +97,9 @@ class Model:
             del holds[owner]
         return holds
 
-    def error_for(self, name: str, token: int | None) -> type[NotHeld]:
+    def error_for(self, name: str, token: int | None, now: float) -> type[NotHeld]:
+        if token is not None and token in {h.token for h in self.live(name, now).values()}:
+            return NotHeld  # someone else's live token: not a hold that ended
         if token is not None and token in self.revoked:
             return Revoked
         if token is not None and 0 < token <= self.last_of.get(name, 0):
@@ -149,7 +151,7 @@ class Model:
             return self.requests[key]
         hold = self.find(name, owner, token, now)
         if hold is None:
-            return self.error_for(name, token)
+            return self.error_for(name, token, now)
         hold.count -= 1
         if hold.count == 0:
             del self.holds[name][owner]
@@ -160,7 +162,7 @@ class Model:
     def extend(self, name: str, owner: str, token: int | None, ttl: float, now: float) -> Outcome:
         hold = self.find(name, owner, token, now)
         if hold is None:
-            return self.error_for(name, token)
+            return self.error_for(name, token, now)
         hold.expires = now + ttl
         hold.max_ttl = max(hold.max_ttl, ttl)
         return (hold.token, hold.count, ttl)

@@ -25,7 +25,8 @@ Rules (each one is a contract item of docs/architecture.md):
   the holder's token. Each name's last token is kept for introspection.
 * Release and extend match on owner and, when given, token. When no hold matches, the
   error says why: ``Revoked`` if an administrator took that token, ``LockLost`` if the
-  token was issued here before (so the hold ended), else ``NotHeld``. Nothing changes.
+  token was issued for this name and is no longer held (so the hold ended), else
+  ``NotHeld``. Nothing changes.
 * A request id makes a retried acquire or release apply once: the first outcome is
   remembered (bounded) and answered again.
 * A resource with a holder or waiter keeps its ``limit``; asking with another limit is
@@ -293,7 +294,10 @@ class LockTable(Generic[W]):
 
     def names(self, namespace: str, prefix: str, now: float) -> list[str]:
         """Names in a namespace with a holder or waiter, sorted."""
-        self.expire(now)
+        for key, res in list(self._resources.items()):
+            self._expire(key, res, now)  # its handoffs stay pending for take_handoffs
+            if not (res.holds or res.waiters):
+                self._resources.pop(key, None)
         return sorted(
             name
             for (ns, name), res in self._resources.items()
@@ -370,12 +374,16 @@ class LockTable(Generic[W]):
         self, key: Key, owner: str, token: int | None, now: float
     ) -> tuple[_Resource[W], Hold]:
         res = self._resources.get(key)
+        held_by_others: set[int] = set()
         if res is not None:
             self._expire(key, res, now)
             hold = res.holds.get(owner)
             if hold is not None and (token is None or hold.token == token):
                 return res, hold
+            held_by_others = {h.token for h in res.holds.values()}
         name = key[1]
+        if token in held_by_others:  # someone else's live token: not a hold that ended
+            raise NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
         if token is not None and token in self._revoked:
             raise Revoked("the hold was force-released", name=name, owner=owner, token=token)
         if token is not None and 0 < token <= self._last_of.get(key, 0):

@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from lockd.backends import Backend
 from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked
@@ -39,6 +40,7 @@ DRIFT = 0.01
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 
+T = TypeVar("T")
 Listener = Callable[["HoldState"], None]
 _ENDED = (LockState.LOST, LockState.REVOKED, LockState.RELEASED)
 
@@ -114,15 +116,23 @@ class Session:
         renew: bool,
         listener: Listener | None,
     ) -> HoldState:
-        """Acquire (or re-enter) and start the watchdog."""
+        """Acquire (or re-enter) and start the watchdog.
+
+        A request the store may have applied without our hearing (BackendUnavailable)
+        is retried with the same request id, so it is applied once.
+        """
         known = self.hold(name, owner)
-        if known is not None and known.ended:
-            raise known.error()
+        if known is not None and known.ended and known.count > 0:
+            raise known.error()  # nested code must not go on as if it still held
         sent = time.monotonic()
-        grant = await self.backend.acquire(
-            self.namespace, name, owner, ttl=ttl, wait=wait, limit=limit,
-            request_id=uuid.uuid4().hex,
-        )  # fmt: skip
+        request_id = uuid.uuid4().hex
+
+        def attempt() -> Awaitable[Grant]:
+            left = None if wait is None else max(0.0, sent + wait - time.monotonic())
+            return self.backend.acquire(self.namespace, name, owner, ttl=ttl, wait=left,
+                                        limit=limit, request_id=request_id)  # fmt: skip
+
+        grant = await _retrying(attempt, None if wait is None else sent + max(wait, RETRY_MAX))
         # No await below: a cancellation must not land between the grant and its record.
         anchor = sent + grant.waited * (1 - DRIFT)
         if known is not None and known.token == grant.token and not known.ended:
@@ -143,19 +153,21 @@ class Session:
         return hold
 
     async def release(self, name: str, owner: str) -> int:
-        """Release one count; returns the count left. Ended holds raise their error."""
+        """Release one count; returns the count left. Ended holds raise their error.
+
+        An ended hold stays known (its state and ``lost`` event readable) until the
+        next acquire of that lock replaces it.
+        """
         hold = self.hold(name, owner)
         if hold is not None and hold.ended:
-            hold.count -= 1
-            if hold.count <= 0:
-                self._forget(hold)
+            hold.count = max(0, hold.count - 1)
             raise hold.error()
         if hold is not None and hold.count <= 1:
             await self._stop_renewal(hold)  # renewal stops before the release is sent
         token = hold.token if hold is not None else None
         request_id = uuid.uuid4().hex
         try:
-            left = await self._retrying(
+            left = await _retrying(
                 lambda: self.backend.release(self.namespace, name, owner, token, request_id),
                 hold.deadline if hold is not None else time.monotonic() + RETRY_MAX,
             )
@@ -163,7 +175,7 @@ class Session:
             if hold is not None:
                 self._end(hold, LockState.REVOKED if isinstance(exc, Revoked) else LockState.LOST,
                           exc.message)  # fmt: skip
-                self._forget(hold)
+                hold.count = max(0, hold.count - 1)
             raise
         if hold is not None:
             hold.count = left
@@ -292,15 +304,19 @@ class Session:
             if self._holds.get((hold.name, hold.owner)) is hold:
                 del self._holds[(hold.name, hold.owner)]
 
-    async def _retrying(self, op: Callable[[], object], deadline: float) -> int:
-        """Run ``op`` again (same request id) while the store is unreachable, until deadline."""
-        backoff = RETRY_FIRST
-        while True:
-            try:
-                result = await op()  # type: ignore[misc]
-                return int(result)
-            except BackendUnavailable:
-                if time.monotonic() + backoff > deadline:
-                    raise
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
+
+async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+    """Run ``op`` again (it keeps its request id) while the store is unreachable.
+
+    Gives up with the last BackendUnavailable at ``deadline`` (None: never).
+    """
+    backoff = RETRY_FIRST
+    while True:
+        try:
+            return await op()
+        except BackendUnavailable:
+            if deadline is not None and time.monotonic() + backoff > deadline:
+                raise
+            log.warning("store unreachable; retrying in %.2f s", backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_MAX)

@@ -113,6 +113,8 @@ class _LockBase(Generic[T]):
         self._owner = None if owner is None else check_owner(owner)
         self.renew = renew
         self.on_lost = on_lost
+        self._notifiers: dict[object, Callable[[HoldState], None]] = {}
+        """One listener per event loop (or one for threads), so nesting calls on_lost once."""
 
     # the two facades fill these in
     def _base(self) -> _ClientBase:
@@ -290,7 +292,7 @@ class Lock(_LockBase[Client]):
         def notify(hold: HoldState) -> None:
             threading.Thread(target=callback, args=(hold.error(),), daemon=True).start()
 
-        return notify
+        return self._notifiers.setdefault(None, notify)
 
     def acquire(self, wait: Duration | None = _UNSET) -> Acquired:
         """Block until granted (or ``wait`` seconds pass: AcquireTimeout)."""
@@ -452,7 +454,7 @@ class AsyncLock(_LockBase[AsyncClient]):
             if not loop.is_closed():
                 loop.call_soon_threadsafe(run, hold.error())
 
-        return notify
+        return self._notifiers.setdefault(loop, notify)
 
     async def acquire(self, wait: Duration | None = _UNSET) -> AsyncAcquired:
         """Wait until granted (or ``wait`` seconds pass: AcquireTimeout)."""

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from lockd._core import Changes, Key, LockTable, Waiter
 from lockd.backends.base import Backend
@@ -50,7 +50,6 @@ class LocalBackend(Backend):
         self._table: LockTable[Wake] = LockTable()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[object]] = set()
         self._closed = False
         self._failure: BackendUnavailable | None = None
 
@@ -99,7 +98,7 @@ class LocalBackend(Backend):
         except TimeoutError:
             if _granted(waiter.wake):
                 return waiter.wake.result()
-            self._background(self._leave(waiter))
+            self._abandon(waiter)
             raise self._timeout(key, owner) from None
         except asyncio.CancelledError:
             self._undo_acquire(key, waiter)
@@ -156,14 +155,12 @@ class LocalBackend(Backend):
         return await self._durably(key, step)
 
     async def aclose(self) -> None:
-        """Finish pending steps and stop timers."""
+        """Stop the sweep and the timers."""
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -173,36 +170,49 @@ class LocalBackend(Backend):
     async def _durably(
         self, key: Key | None, step: Step[T], undo: Callable[[T], None] | None = None
     ) -> T:
-        """Run ``step`` and return its result once its changes are durable.
+        """Run ``step`` now and return its result once its changes are durable.
 
-        The step itself runs synchronously, so it is atomic. If it changed anything that
-        must be persisted, the flush and the wake-ups run as their own task, to the end
-        even if the caller is cancelled; a caller that leaves gets nothing, and ``undo``
-        gives back what the step granted it.
+        A caller cancelled while the changes are written gets nothing: ``undo`` gives
+        back what the step granted it.
         """
-        handoffs: list[Handoff] = []
-        error: Exception | None = None
-        try:
-            result, handoffs = step()
-        except Exception as exc:  # the step's own error; its other changes still count
-            error = exc
-        # Captured before any await: another step's changes are not ours to announce.
-        handoffs = [*handoffs, *self._table.take_handoffs()]
-        changes = self._table.take_changes()
-        if changes and self._persistent:
-            durable = self._persist(changes)
-            durable.add_done_callback(lambda f: self._announce_durable(f, key, handoffs))
+        outcome, error, durable = self._run_step(key, step)
+        result = cast("T", outcome)  # a step that did not raise returned a result
+        if durable is not None:
             try:
                 await asyncio.shield(durable)
             except asyncio.CancelledError:
                 if undo is not None and error is None:
                     durable.add_done_callback(lambda f: _succeeded(f) and undo(result))
                 raise
-        else:
-            self._announce(key, handoffs)
         if error is not None:
             raise error
         return result
+
+    def _run_step(
+        self, key: Key | None, step: Step[T]
+    ) -> tuple[T | None, Exception | None, asyncio.Future[None] | None]:
+        """Run ``step`` synchronously (so it is atomic) and start making it durable.
+
+        Returns its result or error, and the future of its durability (None when
+        nothing needs persisting). Its handoffs are delivered once it is durable, by a
+        callback, so that happens even if nobody awaits the future.
+        """
+        result: T | None = None
+        error: Exception | None = None
+        handoffs: list[Handoff] = []
+        try:
+            result, handoffs = step()
+        except Exception as exc:  # the step's own error; its other changes still count
+            error = exc
+        # Captured now: another step's changes are not ours to announce.
+        handoffs = [*handoffs, *self._table.take_handoffs()]
+        changes = self._table.take_changes()
+        if not (changes and self._persistent):
+            self._announce(key, handoffs)
+            return result, error, None
+        durable = self._persist(changes)
+        durable.add_done_callback(lambda f: self._announce_durable(f, key, handoffs))
+        return result, error, durable
 
     def _announce_durable(
         self, durable: asyncio.Future[None], key: Key | None, handoffs: list[Handoff]
@@ -234,33 +244,39 @@ class LocalBackend(Backend):
         """Give back what an acquire got for a caller that left."""
         if isinstance(outcome, Waiter):
             if _granted(outcome.wake):
-                self._background(self._give_back(key, outcome.wake.result()))
+                self._give_back(key, outcome.wake.result())
             else:
-                self._background(self._leave(outcome))
+                self._abandon(outcome)
         elif outcome is not None:
-            self._background(self._give_back(key, outcome))
+            self._give_back(key, outcome)
+
+    def _abandon(self, waiter: Waiter[Wake]) -> None:
+        """Take a waiter that gave up out of the queue now.
+
+        Its future is cancelled first: a grant made to it in a step still being written
+        finds it done when delivered, and is given back.
+        """
+        waiter.wake.cancel()
+        self._run_step(waiter.key, lambda: (None, self._table.dequeue(waiter, self._clock())))
 
     # --- waking waiters ---------------------------------------------------------------
 
     def _deliver(self, handoffs: list[Handoff]) -> None:
         for waiter, grant in handoffs:
             if waiter.wake.done():  # its caller left after the grant was made: give it back
-                self._background(self._give_back(waiter.key, grant))
+                self._give_back(waiter.key, grant)
             else:
                 waiter.wake.set_result(grant)
             self._arm_timer(waiter.key)
 
-    async def _give_back(self, key: Key, grant: Grant) -> None:
+    def _give_back(self, key: Key, grant: Grant) -> None:
         def step() -> tuple[None, list[Handoff]]:
             try:
                 return None, self._table.release(key, grant.owner, grant.token, self._clock())[1]
             except NotHeld:
                 return None, []  # it ended meanwhile: nothing to give back
 
-        await self._durably(key, step)
-
-    async def _leave(self, waiter: Waiter[Wake]) -> None:
-        await self._durably(waiter.key, lambda: (None, self._table.dequeue(waiter, self._clock())))
+        self._run_step(key, step)
 
     def _fail_waiters(self, error: BackendUnavailable) -> None:
         for key in self._table.waiting_keys():
@@ -281,7 +297,7 @@ class LocalBackend(Backend):
 
     def _expire_now(self, key: Key) -> None:
         self._timers.pop(key, None)
-        self._background(self._durably(key, lambda: (None, self._table.expire(self._clock()))))
+        self._run_step(key, lambda: (None, self._table.expire(self._clock())))
 
     def _start(self) -> None:
         if self._sweeper is None and not self._closed:
@@ -295,11 +311,6 @@ class LocalBackend(Backend):
             for key in self._table.waiting_keys():
                 if key not in self._timers:
                     self._arm_timer(key)
-
-    def _background(self, coro: object) -> None:
-        task: asyncio.Task[object] = self._loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def _loop() -> asyncio.AbstractEventLoop:
