@@ -7,24 +7,36 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
 
 import lockd
+from tests.serverproc import running_server
 
-StoreFactory = Callable[[Path], str]
+StoreFactory = Callable[[Path], AbstractContextManager[str]]
+
+
+@contextmanager
+def _served(tmp: Path) -> Iterator[str]:
+    """A real ``lockd serve`` process over a file store, for the http backend."""
+    with running_server(f"file://{tmp / 'served'}") as server:
+        yield server.url
+
 
 STORES: dict[str, StoreFactory] = {
-    "memory": lambda tmp: f"memory://test-{uuid.uuid4().hex}",
-    "file": lambda tmp: f"file://{tmp / 'store'}",
+    "memory": lambda tmp: nullcontext(f"memory://test-{uuid.uuid4().hex}"),
+    "file": lambda tmp: nullcontext(f"file://{tmp / 'store'}"),
+    "http": _served,
 }
 
 
 @pytest.fixture(params=sorted(STORES))
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty store of each kind."""
-    return STORES[request.param](tmp_path)
+    with STORES[request.param](tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

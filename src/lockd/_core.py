@@ -28,7 +28,8 @@ Rules (each one is a contract item of docs/architecture.md):
   token was issued for this name and is no longer held (so the hold ended), else
   ``NotHeld``. Nothing changes.
 * A request id makes a retried acquire or release apply once: the first outcome is
-  remembered (bounded) and answered again.
+  remembered (bounded) and answered again. An acquire whose caller has gone can be
+  *abandoned* by its request id at any stage: queued, granted, or not yet arrived.
 * A resource with a holder or waiter keeps its ``limit``; asking with another limit is
   refused. A resource with neither is forgotten.
 
@@ -38,11 +39,12 @@ dirty so the file backend can persist exactly that before it answers.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
-from lockd.errors import InvalidRequest, LockLost, NotHeld, Revoked
+from lockd.errors import AcquireTimeout, InvalidRequest, LockLost, NotHeld, Revoked
 from lockd.model import Grant, HolderInfo, ResourceInfo, WaiterInfo
 
 __all__ = ["Changes", "Hold", "LockTable", "Waiter"]
@@ -143,6 +145,9 @@ class LockTable(Generic[W]):
         request_id: str | None = None,
     ) -> Grant | None:
         """Grant at once if the rules allow, else return None (the caller may enqueue)."""
+        if self._remembered(("abandon", *key, owner, request_id or "")) is not None:
+            raise AcquireTimeout("this request was abandoned by its caller", name=key[1],
+                                 owner=owner)  # fmt: skip
         remembered = self._remembered(("acquire", *key, owner, request_id or ""))
         res = self._resources.get(key)
         if res is not None:
@@ -195,6 +200,30 @@ class LockTable(Generic[W]):
         res.waiters.remove(waiter)
         self._pending += self._settle(key, res, now)
         return self.take_handoffs()
+
+    def abandon(
+        self, key: Key, owner: str, request_id: str, now: float
+    ) -> tuple[Waiter[W] | None, list[tuple[Waiter[W], Grant]]]:
+        """The caller of acquire ``request_id`` has gone: undo it, whatever stage it reached.
+
+        A queued waiter leaves (and is returned, for the caller to fail its wake); a
+        grant is released once; a request not seen yet is refused when it arrives.
+        Abandoning twice does nothing more. Returns (waiter removed, handoffs).
+        """
+        abandon_key: RequestKey = ("abandon", *key, owner, request_id)
+        if self._remembered(abandon_key) is not None:
+            return None, []
+        self._remember(abandon_key, 1, request_id)
+        res = self._resources.get(key)
+        if res is not None:
+            for waiter in res.waiters:
+                if waiter.owner == owner and waiter.request_id == request_id:
+                    return waiter, self.dequeue(waiter, now)
+        token = self._remembered(("acquire", *key, owner, request_id))
+        if token is not None:
+            with contextlib.suppress(NotHeld):  # it ended already: nothing to undo
+                return None, self.release(key, owner, token, now)[1]
+        return None, self.take_handoffs()
 
     def release(
         self,

@@ -29,6 +29,8 @@ __all__ = ["Call", "Runtime", "runtime"]
 
 T = TypeVar("T")
 _MISSING: Any = object()
+CLEANUP_WAIT = 5.0
+"""Seconds a cancelled async caller waits for its call to wind down in the I/O loop."""
 
 
 @dataclass
@@ -177,11 +179,18 @@ class Call(Generic[T]):
             raise
 
     async def aresult(self) -> T:
-        """Await the result from another event loop (cancellation abandons safely)."""
+        """Await the result from another event loop (cancellation abandons safely).
+
+        A cancelled caller waits (up to ``CLEANUP_WAIT``) for the call to wind down, so
+        that when its cancellation returns, a waiter it had queued has left the queue.
+        """
+        wrapped = asyncio.wrap_future(self.future)
         try:
-            return await asyncio.shield(asyncio.wrap_future(self.future))
+            return await asyncio.shield(wrapped)
         except asyncio.CancelledError:
             self.abandon()
+            if not self._finish:
+                await asyncio.wait({wrapped}, timeout=CLEANUP_WAIT)
             raise
 
 

@@ -187,3 +187,41 @@ def test_lost_reentrant_acquire_reply_does_not_double_count(
     for _ in range(expected):
         lock.release()
     assert client.inspect("lossy").holders == ()
+
+
+async def test_abandon_a_queued_acquire_leaves_the_queue(backend: lockd.Backend) -> None:
+    held = await backend.acquire(NS, "gone", "a", ttl=5, wait=0)
+    waiting = asyncio.create_task(
+        backend.acquire(NS, "gone", "b", ttl=5, wait=5, request_id="req-b")
+    )
+    await bqueued(backend, "gone", 1)
+    await backend.abandon(NS, "gone", "b", "req-b")
+    assert (await backend.inspect(NS, "gone")).waiters == ()
+    with pytest.raises(AcquireTimeout):
+        await asyncio.wait_for(waiting, 2)
+    await backend.release(NS, "gone", "a", held.token)
+    assert (await backend.inspect(NS, "gone")).holders == ()
+
+
+async def test_abandon_a_granted_acquire_releases_it_once(backend: lockd.Backend) -> None:
+    grant = await backend.acquire(NS, "gone", "a", ttl=5, wait=0, request_id="req-1")
+    again = await backend.acquire(NS, "gone", "a", ttl=5, wait=0)  # count 2: a real re-entry
+    assert again.count == 2
+    await backend.abandon(NS, "gone", "a", "req-1")
+    await backend.abandon(NS, "gone", "a", "req-1")  # twice: applied once
+    info = await backend.inspect(NS, "gone")
+    assert [(h.owner, h.token, h.count) for h in info.holders] == [("a", grant.token, 1)]
+
+
+async def test_abandon_before_the_acquire_arrives_refuses_it(backend: lockd.Backend) -> None:
+    await backend.abandon(NS, "gone", "a", "req-late")
+    with pytest.raises(AcquireTimeout):
+        await backend.acquire(NS, "gone", "a", ttl=5, wait=0, request_id="req-late")
+    assert (await backend.inspect(NS, "gone")).holders == ()
+    # Another request of the same owner is not affected.
+    assert (await backend.acquire(NS, "gone", "a", ttl=5, wait=0, request_id="req-2")).count == 1
+
+
+async def test_abandon_needs_a_request_id(backend: lockd.Backend) -> None:
+    with pytest.raises(lockd.InvalidRequest):
+        await backend.abandon(NS, "gone", "a", "")

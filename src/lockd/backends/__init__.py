@@ -53,6 +53,9 @@ def connect(url: str) -> Backend:
     if scheme in ("http", "https"):
         from lockd.backends.http import HttpBackend
 
+        _no_options(url, options, set())
+        if location.count("/") > 1 or not location.strip("/"):
+            raise InvalidRequest(f"a lockd server URL is http(s)://host:port, not {url!r}")
         return HttpBackend(url)
     if scheme == "memory":
         _no_options(url, options, set())

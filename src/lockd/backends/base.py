@@ -82,6 +82,18 @@ class Backend(abc.ABC):
             check_request_id(request_id),
         )
 
+    async def abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
+        """Undo the acquire ``request_id`` whose caller has gone, whatever it reached.
+
+        A queued request leaves the queue, a granted one is released once, and one that
+        has not arrived yet is refused when it does. For callers that cannot know
+        whether their acquire was applied (a cancelled request over a network).
+        """
+        rid = check_request_id(request_id)
+        if rid is None:
+            raise InvalidRequest("abandon needs the request_id of the acquire")
+        await self._abandon(check_namespace(namespace), check_name(name), check_owner(owner), rid)
+
     async def extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
@@ -141,6 +153,9 @@ class Backend(abc.ABC):
     async def _release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
     ) -> int: ...
+
+    @abc.abstractmethod
+    async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None: ...
 
     @abc.abstractmethod
     async def _extend(

@@ -6,13 +6,16 @@ split into several polls with the same request id. A request that fails in trans
 gets 503 is retried with the same request id until its deadline, which the server's
 request-id memory makes safe: a retried acquire or release applies once.
 
-Known limit: a queued waiter keeps its FIFO place within one long-poll (at most
+Known limits: a queued waiter keeps its FIFO place within one long-poll (at most
 ``max_poll`` seconds, 60 by default); a longer wait re-queues at the end of each poll.
+A cancelled acquire closes its poll and *abandons* its request id, so a grant in flight
+is given back rather than lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -47,6 +50,7 @@ class HttpBackend(Backend):
         self._retry_for = retry_for
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
         self.max_poll = 60.0
+        self._background: set[asyncio.Future[None]] = set()
         self.capabilities = Capabilities(
             safety=SafetyLevel.TIMING_DEPENDENT, fencing=False, fair=False, durable=False,
             shared_across_processes=True,
@@ -73,7 +77,41 @@ class HttpBackend(Backend):
         limit: int,
         request_id: str | None,
     ) -> Grant:
-        request_id = request_id or uuid.uuid4().hex
+        rid = request_id or uuid.uuid4().hex
+        abandoned = asyncio.Event()
+        polling = asyncio.ensure_future(
+            self._poll_acquire(namespace, name, owner, ttl, wait, limit, rid, abandoned)
+        )
+        try:
+            return await asyncio.shield(polling)
+        except asyncio.CancelledError:
+            # Whether the server queued, granted or has not yet seen the request, abandon
+            # undoes it; closing the poll's connection lets the server drop it at once.
+            abandoned.set()
+            polling.cancel()
+            task = asyncio.ensure_future(self._abandon(namespace, name, owner, rid))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)  # cancelled means gone from the queue
+            raise
+
+    async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
+        body = {"owner": owner, "request_id": request_id}
+        await self._call("POST", f"/v1/locks/{_path(name)}/abandon", namespace, json=body,
+                         name=name, owner=owner)  # fmt: skip
+
+    async def _poll_acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        request_id: str,
+        abandoned: asyncio.Event,
+    ) -> Grant:
         start = time.monotonic()
         end = None if wait is None else start + wait
         while True:
@@ -89,8 +127,10 @@ class HttpBackend(Backend):
                     name=name, owner=owner,
                 )  # fmt: skip
             except AcquireTimeout:
-                if end is not None and time.monotonic() >= end:
-                    raise
+                now = time.monotonic()
+                over = (end is not None and now >= end) or abandoned.is_set()
+                if over or now - poll_sent < poll * 0.9:
+                    raise  # our wait is over, or the server ended the poll early (a retry)
                 continue
             grant = _grant(data)
             # The store granted no earlier than this poll was sent plus its own queue time.
@@ -132,7 +172,9 @@ class HttpBackend(Backend):
         await self._call("GET", "/readyz", deadline=time.monotonic())
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Finish abandoning cancelled acquires, then close the connection pool."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self._http.aclose()
 
     async def _call(
@@ -188,7 +230,10 @@ def _error(
         data = response.json()
         cls = ERROR_CODES.get(str(data.get("error")), LockError)
         message = str(data.get("message", response.text))
-    except ValueError:
+        name = data.get("name", name)
+        owner = data.get("owner", owner)
+        token = data.get("token", token)
+    except (ValueError, AttributeError):
         cls, message = LockError, response.text
     if response.status_code in TRANSIENT_STATUS and not issubclass(cls, BackendUnavailable):
         cls = BackendUnavailable

@@ -98,7 +98,7 @@ class LocalBackend(Backend):
         except TimeoutError:
             if _granted(waiter.wake):
                 return waiter.wake.result()
-            self._abandon(waiter)
+            self._leave_queue(waiter)
             raise self._timeout(key, owner) from None
         except asyncio.CancelledError:
             self._undo_acquire(key, waiter)
@@ -112,6 +112,18 @@ class LocalBackend(Backend):
         return await self._durably(
             key, lambda: self._table.release(key, owner, token, self._clock(), request_id)
         )
+
+    async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
+        self._check()
+        key = (namespace, name)
+
+        def step() -> tuple[None, list[Handoff]]:
+            waiter, handoffs = self._table.abandon(key, owner, request_id, self._clock())
+            if waiter is not None and not waiter.wake.done():
+                waiter.wake.set_exception(self._timeout(key, owner, "abandoned by its caller"))
+            return None, handoffs
+
+        await self._durably(key, step)
 
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
@@ -246,11 +258,11 @@ class LocalBackend(Backend):
             if _granted(outcome.wake):
                 self._give_back(key, outcome.wake.result())
             else:
-                self._abandon(outcome)
+                self._leave_queue(outcome)
         elif outcome is not None:
             self._give_back(key, outcome)
 
-    def _abandon(self, waiter: Waiter[Wake]) -> None:
+    def _leave_queue(self, waiter: Waiter[Wake]) -> None:
         """Take a waiter that gave up out of the queue now.
 
         Its future is cancelled first: a grant made to it in a step still being written

@@ -74,6 +74,13 @@ class ReleaseBody(_Body):
     request_id: str | None = None
 
 
+class AbandonBody(_Body):
+    """Undo acquire ``request_id`` of ``owner``, whatever it reached."""
+
+    owner: str
+    request_id: str
+
+
 class ExtendBody(_Body):
     """Make ``owner``'s hold last ``ttl`` seconds from now."""
 
@@ -162,6 +169,15 @@ async def release(
     return JSONResponse({"name": name, "owner": body.owner, "count": left, "released": left == 0})
 
 
+@router.post("/v1/locks/{name:path}/abandon", summary="Undo an acquire whose caller has gone")
+async def abandon(
+    name: str, body: AbandonBody, request: Request, namespace: str = DEFAULT_NAMESPACE
+) -> JSONResponse:
+    """Queued: leaves the queue; granted: released once; not arrived yet: refused later."""
+    await _backend(request).abandon(namespace, name, body.owner, body.request_id)
+    return JSONResponse({"name": name, "owner": body.owner, "abandoned": True})
+
+
 @router.post("/v1/locks/{name:path}/extend", summary="Extend a hold")
 async def extend(
     name: str, body: ExtendBody, request: Request, namespace: str = DEFAULT_NAMESPACE
@@ -229,7 +245,8 @@ async def readyz(request: Request) -> dict[str, str]:
 
 async def _lock_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LockError)
-    return error_response(exc.code, exc.message)
+    context = {k: v for k in ("name", "owner", "token") if (v := getattr(exc, k)) is not None}
+    return error_response(exc.code, exc.message, **context)
 
 
 async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
