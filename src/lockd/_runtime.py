@@ -145,7 +145,36 @@ class Call(Generic[T]):
         self._guard = threading.Lock()
         self._abandoned = False
         self._delivered: T = _MISSING
-        self.future = rt.submit(self._run(coro))
+        self._task: asyncio.Task[T] | None = None
+        self._cancel_early = False
+        self.future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.settled: concurrent.futures.Future[None] = concurrent.futures.Future()
+        """Done once nothing of the call runs any more in the I/O loop."""
+        rt.loop.call_soon_threadsafe(self._start, coro)
+
+    def _start(self, coro: Coroutine[Any, Any, T]) -> None:
+        if self._cancel_early:
+            coro.close()
+            self.future.cancel()
+            self.settled.set_result(None)
+            return
+        self._task = self._rt.loop.create_task(self._run(coro))
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[T]) -> None:
+        if task.cancelled():
+            self.future.cancel()
+        elif (error := task.exception()) is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(task.result())
+        self.settled.set_result(None)
+
+    def _cancel(self) -> None:
+        if self._task is None:
+            self._cancel_early = True
+        else:
+            self._task.cancel()
 
     async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         result = await coro
@@ -168,7 +197,7 @@ class Call(Generic[T]):
             if self._give_back is not None:
                 self._rt.submit(_ignore_errors(self._give_back(delivered)))
         else:
-            self.future.cancel()
+            self._rt.loop.call_soon_threadsafe(self._cancel)
 
     def result(self) -> T:
         """Block this thread for the result (Ctrl-C abandons the call safely)."""
@@ -184,13 +213,12 @@ class Call(Generic[T]):
         A cancelled caller waits (up to ``CLEANUP_WAIT``) for the call to wind down, so
         that when its cancellation returns, a waiter it had queued has left the queue.
         """
-        wrapped = asyncio.wrap_future(self.future)
         try:
-            return await asyncio.shield(wrapped)
+            return await asyncio.shield(asyncio.wrap_future(self.future))
         except asyncio.CancelledError:
             self.abandon()
             if not self._finish:
-                await asyncio.wait({wrapped}, timeout=CLEANUP_WAIT)
+                await asyncio.wait({asyncio.wrap_future(self.settled)}, timeout=CLEANUP_WAIT)
             raise
 
 
