@@ -125,3 +125,47 @@ async def test_backend_grants_one_owner_at_a_time(backend: lockd.Backend) -> Non
     assert tokens == sorted(tokens)
     assert len(set(tokens)) == 50
     assert (await backend.inspect(NS, "one")).holders == ()
+
+
+PROCESSES = 4
+_WORKER = """
+import sys, time
+import lockd
+url, counter, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with lockd.Client(url) as client:
+    lock = client.lock("processes", ttl=10)
+    for _ in range(rounds):
+        with lock:
+            with open(counter) as f:
+                value = int(f.read())
+            time.sleep(0.001)
+            with open(counter, "w") as f:
+                f.write(str(value + 1))
+"""
+
+
+def test_processes_lose_no_update(store_url: str, tmp_path: Path) -> None:
+    """Separate OS processes, wherever the store can be reached from several."""
+    import subprocess
+    import sys
+
+    with lockd.Client(store_url) as probe:
+        if not probe.capabilities.shared_across_processes:
+            # Refused by design (StoreBusy): covered by the threads and tasks tests above.
+            assert store_url.startswith(("memory://", "file://"))
+            return
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, store_url, str(counter), str(ROUNDS)])
+        for _ in range(PROCESSES)
+    ]
+    try:
+        codes = [w.wait(timeout=120) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    assert codes == [0] * PROCESSES
+    assert int(counter.read_text()) == PROCESSES * ROUNDS
