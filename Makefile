@@ -8,16 +8,17 @@ STAMP := $(VENV)/.installed
 .PHONY: test lint typecheck unit serve bench clean
 
 $(STAMP): pyproject.toml
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[server]" pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
+	$(PY) -m pip install --quiet -e ".[server,redis]" pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
 	touch $(STAMP)
 
 test: $(STAMP) lint typecheck unit
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import lockd
+from tests.redisproc import running_redis
 from tests.serverproc import running_server
 
 StoreFactory = Callable[[Path], AbstractContextManager[str]]
@@ -25,10 +26,19 @@ def _served(tmp: Path) -> Iterator[str]:
         yield server.url
 
 
+@contextmanager
+def _redis(tmp: Path) -> Iterator[str]:
+    """A real ``redis-server`` of its own for each test."""
+    del tmp
+    with running_redis() as server:
+        yield server.url
+
+
 STORES: dict[str, StoreFactory] = {
     "memory": lambda tmp: nullcontext(f"memory://test-{uuid.uuid4().hex}"),
     "file": lambda tmp: nullcontext(f"file://{tmp / 'store'}"),
     "http": _served,
+    "redis": _redis,
 }
 
 

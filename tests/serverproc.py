@@ -42,7 +42,21 @@ class ServerProcess:
 
 
 def start_server(store: str, cwd: str | None = None, timeout: float = 20.0) -> ServerProcess:
-    """Start ``lockd serve --store STORE`` on a free port and wait until it answers."""
+    """Start ``lockd serve --store STORE`` on a free port and wait until it answers.
+
+    The port is free when chosen but may be taken before the server binds it: then the
+    server exits at once, and another port is tried.
+    """
+    for attempt in range(3):
+        try:
+            return _start_server(store, cwd, timeout)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_server(store: str, cwd: str | None, timeout: float) -> ServerProcess:
     port = free_port()
     command = [sys.executable, "-m", "lockd.cli", "serve", "--store", store, "--port", str(port),
                "--log-level", "warning"]  # fmt: skip
@@ -52,6 +66,8 @@ def start_server(store: str, cwd: str | None = None, timeout: float = 20.0) -> S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             out = process.stdout.read().decode() if process.stdout else ""
+            if process.stdout:
+                process.stdout.close()
             raise RuntimeError(f"lockd serve exited with {process.returncode}: {out}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:

@@ -233,7 +233,10 @@ class Session:
     # --- the watchdog -----------------------------------------------------------------
 
     async def _watch(self, hold: HoldState) -> None:
-        while not hold.ended:
+        me = asyncio.current_task()
+        # Stopping sets ``hold.renewer`` to None before cancelling, so even a cancellation
+        # lost inside an awaited call cannot keep this loop going.
+        while not hold.ended and hold.renewer is me:
             if not hold.renew:
                 await asyncio.sleep(max(0.0, hold.deadline - time.monotonic()))
                 if time.monotonic() >= hold.deadline:
@@ -251,12 +254,11 @@ class Session:
                 self._end(hold, LockState.LOST, "renewal kept failing until the lease ran out")
                 return
             try:
-                grant = await asyncio.wait_for(
-                    self.backend.extend(
+                # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
+                async with asyncio.timeout(left):
+                    grant = await self.backend.extend(
                         self.namespace, hold.name, hold.owner, hold.token, hold.ttl
-                    ),
-                    left,
-                )
+                    )
             except Revoked as exc:
                 self._end(hold, LockState.REVOKED, exc.message)
                 return

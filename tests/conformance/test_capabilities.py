@@ -24,6 +24,13 @@ DOCUMENTED = {
         durable=True,
         shared_across_processes=False,
     ),
+    "redis": Capabilities(
+        safety=SafetyLevel.SINGLE_NODE,
+        fencing=True,
+        fair=True,
+        durable=False,
+        shared_across_processes=True,
+    ),
 }
 
 

@@ -11,7 +11,15 @@ from lockd.errors import InvalidRequest
 
 __all__ = ["Backend", "connect", "require_safety", "store_key"]
 
-SCHEMES = ("memory", "file", "http", "https")
+REDIS_OPTIONS = {
+    # What redis-py reads from a URL's query (the rest of the URL: user, password, db).
+    "db", "health_check_interval", "max_connections", "protocol", "socket_connect_timeout",
+    "socket_keepalive", "socket_timeout", "ssl_check_hostname", "ssl_min_version", "timeout",
+    "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile",
+    "ssl_password", "client_name",
+}  # fmt: skip
+
+SCHEMES = ("memory", "file", "http", "https", "redis", "rediss")
 
 
 def _split(url: str) -> tuple[str, str, dict[str, str]]:
@@ -33,6 +41,8 @@ def store_key(url: str) -> str:
     scheme, location, options = _split(url)
     if scheme in ("http", "https"):
         return url.rstrip("/")
+    if scheme in ("redis", "rediss"):
+        return url
     if scheme == "file":
         from pathlib import Path
 
@@ -46,10 +56,18 @@ def store_key(url: str) -> str:
 def connect(url: str) -> Backend:
     """Open a new backend for ``url``; call it from the event loop that will use it.
 
-    ``memory://[name]``, ``file://PATH[?sync=full|normal]``, ``http(s)://host:port``.
+    ``memory://[name]``, ``file://PATH[?sync=full|normal]``, ``http(s)://host:port``,
+    ``redis(s)://[[user]:password@]host:port[/db][?redis-py options]``.
     Call ``await backend.open()`` before use.
     """
     scheme, location, options = _split(url)
+    if scheme in ("redis", "rediss"):
+        from lockd.backends.redis import RedisBackend
+
+        _no_options(url, options, REDIS_OPTIONS)
+        if not urlsplit(url).hostname:
+            raise InvalidRequest(f"a Redis URL is redis://host:port[/db], not {url!r}")
+        return RedisBackend(url)
     if scheme in ("http", "https"):
         from lockd.backends.http import HttpBackend
 

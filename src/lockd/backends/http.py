@@ -58,7 +58,11 @@ class HttpBackend(Backend):
 
     async def open(self) -> None:
         """Learn the server's store capabilities and long-poll cap."""
-        info = await self._call("GET", "/v1/info", deadline=time.monotonic() + self._retry_for)
+        try:
+            info = await self._call("GET", "/v1/info", deadline=time.monotonic() + self._retry_for)
+        except BaseException:
+            await self._http.aclose()
+            raise
         caps = info["capabilities"]
         self.capabilities = Capabilities(
             safety=SafetyLevel.parse(caps["safety"]), fencing=bool(caps["fencing"]),

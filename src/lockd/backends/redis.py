@@ -1,0 +1,432 @@
+"""The ``redis://`` (and ``rediss://``) backend: the lock contract on one Redis.
+
+Layout and scripts are in :mod:`lockd.backends.redis_lua`: every operation is ONE Lua
+script that decides inside Redis (owner checks, reentrancy, limits, FIFO order, request
+ids, revocations), with Redis's own clock (``TIME``) deciding every expiry. All keys of a
+name share one hash tag (``lockd:{NAMESPACE:NAME}:...``), so a Redis Cluster keeps them in
+one slot. Tokens come from the name's ``INCR`` counter, which is never deleted.
+
+Waiting. A blocked acquire SUBSCRIBEs to the name's channel first (and waits for Redis to
+confirm), then runs its acquire script, which grants it or queues it in Redis with a
+*waiter deadline* (``WAITER_LEASE`` from now). Any script that frees a slot (release,
+expiry noticed by any call, force-release, a waiter leaving) grants the queue's head in
+the same step and PUBLISHes the woken waiters' attempt ids; the waiter then fetches its
+grant. Only the woken waiters wake. While queued, a waiter checks in every
+``CHECK_IN`` seconds and at the earliest holder expiry: that refreshes its deadline and
+guards against a lost message. A waiter that stops checking in (crashed, partitioned)
+is dropped by the next script that touches the queue once its deadline passes, so it
+holds up those behind it no longer than that (or, if granted just before, its ttl).
+A cancelled acquire *abandons* its request id, which undoes it whatever it reached.
+
+Capabilities: ``single-node`` safety, fencing, fair, not durable, shared across
+processes. Durability depends on the Redis persistence settings, which lockd does not
+control: with ``appendonly yes`` and ``appendfsync always`` every acknowledged script is
+on disk, so holds, token counters and remembered requests survive a Redis restart and
+tokens never go back. With ``appendfsync everysec`` (the default when AOF is on) a crash
+can lose about the last second; with RDB snapshots only, everything since the last
+snapshot; with no persistence, everything. Lost writes mean tokens can be issued again
+(fencing regresses) and a lost hold can be granted to someone else while its holder
+still believes it holds it (two holders). A failover to an asynchronous replica has the
+same effect. A Redis that evicts keys (``maxmemory-policy allkeys-*``) drops locks; lockd
+logs a warning when it sees such a policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from lockd.backends import redis_lua
+from lockd.backends.base import Backend
+from lockd.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    LockError,
+    LockLost,
+    NotHeld,
+    Revoked,
+)
+from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel, WaiterInfo
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+    from redis.commands.core import AsyncScript
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger("lockd")
+
+CHECK_IN = 1.0
+"""Seconds between a queued waiter's check-ins (the bounded re-check)."""
+WAITER_LEASE = 3.0
+"""Seconds a queued waiter keeps its place without checking in."""
+SUBSCRIBE_TIMEOUT = 2.0
+"""Seconds to wait for Redis to confirm a SUBSCRIBE before trying anyway."""
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisBackend(Backend):
+    """Locks in one Redis server (``redis://[[user]:password@]host:port/db``)."""
+
+    capabilities = Capabilities(
+        safety=SafetyLevel.SINGLE_NODE,
+        fencing=True,
+        fair=True,
+        durable=False,
+        shared_across_processes=True,
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url = _redact(url)
+        self._url = url
+        self._redis: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._channels: dict[str, int] = {}
+        self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        self._closed = False
+
+    # --- connection -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, load the scripts and check that Redis answers."""
+        import redis.asyncio
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No driver retries: a resent script could apply twice. The SDK retries with
+        # the same request id instead, which the scripts answer once.
+        self._redis = redis.asyncio.Redis.from_url(
+            self._url,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=5.0,
+            socket_timeout=10.0,
+        )
+        for name in ("ACQUIRE", "RELEASE", "EXTEND", "ABANDON", "FORCE_RELEASE", "INSPECT"):
+            self._scripts[name] = self._redis.register_script(getattr(redis_lua, name))
+        await self.ping()
+        with contextlib.suppress(Exception):  # CONFIG may be refused by an ACL
+            policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+            if isinstance(policy, str) and policy.startswith("allkeys"):
+                log.warning("%s evicts keys (maxmemory-policy %s): locks can vanish",
+                            self.url, policy)  # fmt: skip
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable when Redis does not answer."""
+        await self._call(lambda: self._client().ping())
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connections."""
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        for task in list(self._background):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            raise BackendUnavailable(f"{self.url} is not open")
+        return self._redis
+
+    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await make()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"{self.url}: {exc}") from exc
+
+    async def _run(self, script: str, namespace: str, name: str, *args: str | int) -> list[Any]:
+        keys, channel = _keys(namespace, name)
+        reply = await self._call(lambda: self._scripts[script](keys=keys, args=[channel, *args]))
+        return list(reply)
+
+    # --- the contract -----------------------------------------------------------------
+
+    async def _acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        request_id: str | None,
+    ) -> Grant:
+        rid = request_id or uuid.uuid4().hex
+        attempt = uuid.uuid4().hex
+        work = asyncio.ensure_future(
+            self._wait_for_grant(namespace, name, owner, ttl, wait, limit, rid, attempt)
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Queued, granted or not yet arrived: abandoning the request id undoes it.
+            work.cancel()
+            undo = asyncio.ensure_future(self._abandon(namespace, name, owner, rid))
+            self._background.add(undo)
+            undo.add_done_callback(self._background.discard)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(undo)
+            raise
+
+    async def _wait_for_grant(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        rid: str,
+        attempt: str,
+    ) -> Grant:
+        ttl_ms = max(1, round(ttl * 1000))
+        lease_ms = round(WAITER_LEASE * 1000)
+
+        async def step(mode: str) -> list[Any]:
+            return await self._run("ACQUIRE", namespace, name, owner, rid, attempt, ttl_ms,
+                                   limit, mode, lease_ms)  # fmt: skip
+
+        if wait == 0:
+            return self._granted(await step("try"), name, owner, limit)
+        end = None if wait is None else time.monotonic() + wait
+        _, channel = _keys(namespace, name)
+        woken = self._wake[attempt] = asyncio.Event()
+        try:
+            await self._subscribe(channel)  # subscribe first, then try: no wake-up is missed
+            reply = await step("new")
+            while reply[0] == "queued":
+                pause = CHECK_IN
+                if int(reply[1]) >= 0:  # wake at the earliest holder expiry, too
+                    pause = min(pause, int(reply[1]) / 1000 + 0.002)
+                if end is not None:
+                    pause = min(pause, end - time.monotonic())
+                if pause > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await woken.wait()
+                woken.clear()
+                if end is not None and time.monotonic() >= end:
+                    reply = await step("leave")  # a grant made meanwhile is still ours
+                    break
+                reply = await step("wait")
+            return self._granted(reply, name, owner, limit)
+        finally:
+            self._wake.pop(attempt, None)
+            self._unsubscribe(channel)
+
+    def _granted(self, reply: list[Any], name: str, owner: str, limit: int) -> Grant:
+        status = reply[0]
+        if status == "granted":
+            return Grant(
+                name=name,
+                owner=owner,
+                token=int(reply[1]),
+                count=int(reply[2]),
+                ttl=max(0.0, int(reply[3]) / 1000),
+                waited=int(reply[4]) / 1_000_000,
+            )
+        if status == "lost":
+            raise LockLost("this request was granted before, and that hold has ended",
+                           name=name, owner=owner, token=int(reply[1]))  # fmt: skip
+        if status == "invalid":
+            raise InvalidRequest(
+                f"{name!r} is held with limit {int(reply[1])}; this request asks for limit {limit}",
+                name=name, owner=owner,
+            )  # fmt: skip
+        if status in ("denied", "gone"):
+            message = f"{name!r} was not granted in time; held by {reply[1]}"
+        elif status == "abandoned":
+            message = f"{name!r} was not granted: this request was abandoned by its caller"
+        else:
+            message = f"{name!r} was not granted: replaced by a retry"
+        raise AcquireTimeout(message, name=name, owner=owner)
+
+    async def _release(
+        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+    ) -> int:
+        reply = await self._run("RELEASE", namespace, name, owner, token or 0, request_id or "")
+        if reply[0] != "ok":
+            raise _not_held(reply[0], name, owner, token)
+        return int(reply[1])
+
+    async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
+        await self._run("ABANDON", namespace, name, owner, request_id)
+
+    async def _extend(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+    ) -> Grant:
+        ttl_ms = max(1, round(ttl * 1000))
+        reply = await self._run("EXTEND", namespace, name, owner, token or 0, ttl_ms)
+        if reply[0] != "granted":
+            raise _not_held(reply[0], name, owner, token)
+        return Grant(name=name, owner=owner, token=int(reply[1]), count=int(reply[2]),
+                     ttl=max(0.0, int(reply[3]) / 1000))  # fmt: skip
+
+    async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
+        reply = await self._run("INSPECT", namespace, name)
+        _, limit, last, holders, waiters = reply
+        return ResourceInfo(
+            name=name,
+            namespace=namespace,
+            limit=int(limit),
+            last_token=int(last),
+            holders=tuple(sorted((_holder(h) for h in holders), key=lambda h: h.token)),
+            waiters=tuple(WaiterInfo(owner=str(o), waited=int(w) / 1_000_000) for o, w in waiters),
+        )
+
+    async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
+        head = f"lockd:{{{namespace}:"
+        tail = "}:limit"
+        pattern = _glob_escape(head + prefix) + "*" + _glob_escape(tail)
+        names: set[str] = set()
+
+        async def scan() -> None:
+            async for key in self._client().scan_iter(match=pattern, count=1000):
+                if key.startswith(head) and key.endswith(tail):
+                    names.add(key[len(head) : -len(tail)])
+
+        await self._call(scan)
+        found = [await self._inspect(namespace, name) for name in sorted(names)]
+        return [info for info in found if info.holders or info.waiters]
+
+    async def _force_release(
+        self, namespace: str, name: str, owner: str | None
+    ) -> list[HolderInfo]:
+        reply = await self._run("FORCE_RELEASE", namespace, name, owner or "")
+        return sorted((_holder(h) for h in reply[1]), key=lambda h: h.token)
+
+    # --- notifications ----------------------------------------------------------------
+
+    async def _subscribe(self, channel: str) -> None:
+        """Subscribe to ``channel`` (shared by local waiters) and wait for Redis's OK."""
+        users = self._channels.get(channel, 0)
+        self._channels[channel] = users + 1
+        pending = self._confirm.setdefault(channel, deque())
+        if users == 0:
+            confirmed = asyncio.get_running_loop().create_future()
+            pending.append(confirmed)
+            if self._pubsub is None:
+                self._pubsub = self._client().pubsub()
+            pubsub = self._pubsub
+            await self._call(lambda: pubsub.subscribe(channel))
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.ensure_future(self._read())
+        elif pending:
+            confirmed = pending[-1]
+        else:
+            return
+        with contextlib.suppress(TimeoutError):  # the bounded re-check covers a lost OK
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await asyncio.shield(confirmed)
+
+    def _unsubscribe(self, channel: str) -> None:
+        users = self._channels.get(channel, 0) - 1
+        if users > 0:
+            self._channels[channel] = users
+            return
+        self._channels.pop(channel, None)
+        if self._pubsub is None or self._closed:
+            return
+
+        pubsub = self._pubsub
+
+        async def unsubscribe() -> None:
+            with contextlib.suppress(Exception):
+                await pubsub.unsubscribe(channel)
+
+        task = asyncio.ensure_future(unsubscribe())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read(self) -> None:
+        """Deliver messages: subscribe confirmations, and wake-ups of local waiters."""
+        pubsub = self._pubsub
+        assert pubsub is not None
+        while not self._closed:
+            try:
+                message = await pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the waiters' re-checks carry on meanwhile
+                log.debug("redis pub/sub read failed: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            if not message:
+                continue
+            kind, channel = message.get("type"), message.get("channel")
+            if kind == "subscribe":
+                pending = self._confirm.get(channel)
+                if pending:
+                    confirmed = pending.popleft()
+                    if not confirmed.done():
+                        confirmed.set_result(None)
+                if not pending:
+                    self._confirm.pop(channel, None)
+            elif kind == "message":
+                for attempt in str(message.get("data", "")).split():
+                    event = self._wake.get(attempt)
+                    if event is not None:
+                        event.set()
+
+
+def _keys(namespace: str, name: str) -> tuple[list[str], str]:
+    """The keys of one name (one hash tag) and its wake-up channel."""
+    base = f"lockd:{{{namespace}:{name}}}"
+    return [f"{base}:{suffix}" for suffix in redis_lua.KEY_SUFFIXES], f"{base}:wake"
+
+
+def _holder(row: list[Any]) -> HolderInfo:
+    owner, token, count, ttl_left, held_for, acquired_at = row
+    return HolderInfo(
+        owner=str(owner),
+        token=int(token),
+        count=int(count),
+        ttl_left=max(0.0, int(ttl_left) / 1000),
+        held_for=max(0.0, int(held_for) / 1000),
+        acquired_at=int(acquired_at) / 1000,
+    )
+
+
+def _not_held(status: str, name: str, owner: str, token: int | None) -> LockError:
+    if status == "revoked":
+        return Revoked("the hold was force-released", name=name, owner=owner, token=token)
+    if status == "lost":
+        return LockLost("the hold has ended", name=name, owner=owner, token=token)
+    return NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)

@@ -1,0 +1,441 @@
+"""The Lua scripts of the ``redis://`` backend: one script per operation.
+
+Every script receives the same ten keys, all of one name and so all with one hash tag
+(``lockd:{NAMESPACE:NAME}:...``), which keeps them in one Redis Cluster slot:
+
+==========  =============================================================================
+``holds``   hash owner -> ``token|count|expires_ms|ttl_ms|granted_ms|acquired_at_ms``
+``hexp``    sorted set owner by expires_ms (finds expired holds and the earliest expiry)
+``token``   the name's INCR counter: the last token issued; never deleted
+``queue``   list of waiter ids (``owner<TAB>request_id``), FIFO
+``waiters`` hash waiter id -> ``attempt|ttl_ms|enqueued_us|deadline_ms``
+``wdead``   sorted set waiter id by deadline_ms: waiters that stop checking in drop out
+``req``     hash ``op<TAB>owner<TAB>request_id`` -> outcome (remembered request ids)
+``reqt``    sorted set of those fields by time, to forget them after REQ_KEEP_MS
+``revoked`` sorted set of force-released tokens (the newest MAX_REVOKED kept)
+``limit``   the resource's holder limit, kept while it has a holder or a waiter
+==========  =============================================================================
+
+Time is Redis's own clock (``TIME``, allowed in scripts since Redis 5 with effects
+replication, the only mode of Redis 7); no client timestamp is ever used for expiry.
+Every script first drops expired holds and dead waiters, then grants queued waiters
+in order while slots are free (``settle``), and finally PUBLISHes the attempt ids of
+the waiters it woke on the name's channel (ARGV[1]).
+
+Each script is a header comment (its KEYS and ARGV), then the shared ``PRELUDE``, then
+its body. Replies are arrays whose first element is a status word.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ABANDON", "ACQUIRE", "EXTEND", "FORCE_RELEASE", "INSPECT", "KEY_SUFFIXES", "RELEASE"]
+
+KEY_SUFFIXES = (
+    "holds",
+    "hexp",
+    "token",
+    "queue",
+    "waiters",
+    "wdead",
+    "req",
+    "reqt",
+    "revoked",
+    "limit",
+)
+"""The keys of one name, in the order every script receives them."""
+
+_KEYS_DOC = """\
+-- KEYS[1] holds    hash owner -> token|count|expires_ms|ttl_ms|granted_ms|acquired_at_ms
+-- KEYS[2] hexp     zset owner by expires_ms
+-- KEYS[3] token    INCR counter of the name (never deleted)
+-- KEYS[4] queue    list of waiter ids "owner\\trequest_id", FIFO
+-- KEYS[5] waiters  hash waiter id -> attempt|ttl_ms|enqueued_us|deadline_ms
+-- KEYS[6] wdead    zset waiter id by deadline_ms
+-- KEYS[7] req      hash "op\\towner\\trequest_id" -> remembered outcome
+-- KEYS[8] reqt     zset of req fields by time remembered (ms)
+-- KEYS[9] revoked  zset of force-released tokens
+-- KEYS[10] limit   holder limit of the resource while it has holders or waiters
+"""
+
+PRELUDE = r"""
+local K_HOLDS, K_HEXP, K_TOKEN, K_QUEUE, K_WAITERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_WDEAD, K_REQ, K_REQT, K_REVOKED, K_LIMIT = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local CHANNEL = ARGV[1]
+local REQ_KEEP_MS = 600000
+local MAX_REVOKED = 1000
+local clock = redis.call('TIME')
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now = math.floor(now_us / 1000)
+local woken = {}
+
+local function get_hold(owner)
+  local v = redis.call('HGET', K_HOLDS, owner)
+  if not v then return nil end
+  local tok, cnt, exp, ttl, gr, at = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
+  return {owner = owner, token = tonumber(tok), count = tonumber(cnt), expires = tonumber(exp),
+          ttl = tonumber(ttl), granted = tonumber(gr), at = tonumber(at)}
+end
+
+local function put_hold(h)
+  redis.call('HSET', K_HOLDS, h.owner,
+    string.format('%d|%d|%d|%d|%d|%d', h.token, h.count, h.expires, h.ttl, h.granted, h.at))
+  redis.call('ZADD', K_HEXP, h.expires, h.owner)
+end
+
+local function del_hold(owner)
+  redis.call('HDEL', K_HOLDS, owner)
+  redis.call('ZREM', K_HEXP, owner)
+end
+
+local function get_waiter(id)
+  local v = redis.call('HGET', K_WAITERS, id)
+  if not v then return nil end
+  local att, ttl, enq, dl = string.match(v, '^([^|]*)|(%d+)|(%d+)|(%d+)$')
+  local owner, rid = string.match(id, '^([^\t]*)\t(.*)$')
+  return {id = id, owner = owner, rid = rid, attempt = att, ttl = tonumber(ttl),
+          enqueued = tonumber(enq), deadline = tonumber(dl)}
+end
+
+local function put_waiter(w)
+  redis.call('HSET', K_WAITERS, w.id,
+    string.format('%s|%d|%d|%d', w.attempt, w.ttl, w.enqueued, w.deadline))
+  redis.call('ZADD', K_WDEAD, w.deadline, w.id)
+end
+
+local function del_waiter(id)
+  redis.call('LREM', K_QUEUE, 1, id)
+  redis.call('HDEL', K_WAITERS, id)
+  redis.call('ZREM', K_WDEAD, id)
+end
+
+local function remembered(op, owner, rid)
+  if rid == '' then return nil end
+  local v = redis.call('HGET', K_REQ, op .. '\t' .. owner .. '\t' .. rid)
+  if not v then return nil end
+  return v
+end
+
+local function remember(op, owner, rid, value)
+  if rid == '' then return end
+  local field = op .. '\t' .. owner .. '\t' .. rid
+  redis.call('HSET', K_REQ, field, value)
+  redis.call('ZADD', K_REQT, now, field)
+  local old = redis.call('ZRANGEBYSCORE', K_REQT, '-inf', now - REQ_KEEP_MS, 'LIMIT', 0, 100)
+  for _, f in ipairs(old) do
+    redis.call('HDEL', K_REQ, f)
+    redis.call('ZREM', K_REQT, f)
+  end
+  redis.call('PEXPIRE', K_REQ, REQ_KEEP_MS)
+  redis.call('PEXPIRE', K_REQT, REQ_KEEP_MS)
+end
+
+-- "token" or "token|waited_us|attempt" (a grant handed to a queued waiter)
+local function parse_grant(v)
+  local tok, waited, att = string.match(v, '^(%d+)|(%d+)|(.*)$')
+  if tok then return tonumber(tok), tonumber(waited), att end
+  return tonumber(v), 0, nil
+end
+
+local function new_hold(owner, ttl)
+  local tok = redis.call('INCR', K_TOKEN)
+  local h = {owner = owner, token = tok, count = 1, expires = now + ttl, ttl = ttl,
+             granted = now, at = now}
+  put_hold(h)
+  return h
+end
+
+local function reenter(h, ttl)
+  h.count = h.count + 1
+  if now + ttl >= h.expires then  -- a re-entry never shortens the hold
+    h.expires = now + ttl
+    h.ttl = ttl
+  end
+  put_hold(h)
+end
+
+local function current_limit()
+  return tonumber(redis.call('GET', K_LIMIT) or '1') or 1
+end
+
+-- Grant queued waiters in order while slots are free; forget an idle resource.
+local function settle()
+  local dead = redis.call('ZRANGEBYSCORE', K_WDEAD, '-inf', now)
+  for _, id in ipairs(dead) do del_waiter(id) end
+  local limit = current_limit()
+  while true do
+    local id = redis.call('LINDEX', K_QUEUE, 0)
+    if not id then break end
+    local w = get_waiter(id)
+    if not w then
+      redis.call('LPOP', K_QUEUE)
+    else
+      local h = get_hold(w.owner)
+      if not h and redis.call('HLEN', K_HOLDS) >= limit then break end
+      del_waiter(id)
+      if h then reenter(h, w.ttl) else h = new_hold(w.owner, w.ttl) end
+      remember('acquire', w.owner, w.rid,
+        string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt))
+      table.insert(woken, w.attempt)
+    end
+  end
+  if redis.call('HLEN', K_HOLDS) == 0 and redis.call('LLEN', K_QUEUE) == 0 then
+    redis.call('DEL', K_LIMIT)
+  end
+end
+
+-- Drop holds whose expiry has come (Redis's clock), then settle.
+local function touch()
+  local gone = redis.call('ZRANGEBYSCORE', K_HEXP, '-inf', now)
+  for _, owner in ipairs(gone) do del_hold(owner) end
+  settle()
+end
+
+-- Wake the waiters this script granted or removed, then return the reply.
+local function finish(reply)
+  if #woken > 0 then redis.call('PUBLISH', CHANNEL, table.concat(woken, ' ')) end
+  return reply
+end
+
+-- Find the owner's live hold (matching token when one is given), or say why not.
+local function find(owner, token)
+  local h = get_hold(owner)
+  if h and (token == 0 or h.token == token) then return h, nil end
+  if token ~= 0 then
+    for _, v in ipairs(redis.call('HVALS', K_HOLDS)) do
+      if tonumber(string.match(v, '^(%d+)|')) == token then return nil, 'not_held' end
+    end
+    if redis.call('ZSCORE', K_REVOKED, token) then return nil, 'revoked' end
+    if token <= tonumber(redis.call('GET', K_TOKEN) or '0') then return nil, 'lost' end
+  end
+  return nil, 'not_held'
+end
+
+local function grant_reply(h, waited_us)
+  return {'granted', h.token, h.count, h.expires - now, waited_us}
+end
+
+-- "owner (token N), ..." of the live holds, for a timeout's message
+local function holders_text()
+  local parts = {}
+  local all = redis.call('HGETALL', K_HOLDS)
+  for i = 1, #all, 2 do
+    table.insert(parts, all[i] .. ' (token ' .. string.match(all[i + 1], '^(%d+)|') .. ')')
+  end
+  if #parts == 0 then return 'nobody' end
+  return table.concat(parts, ', ')
+end
+
+local function drop_one(h)
+  h.count = h.count - 1
+  if h.count == 0 then del_hold(h.owner) else put_hold(h) end
+  return h.count
+end
+"""
+
+
+def _script(header: str, body: str) -> str:
+    return header + _KEYS_DOC + PRELUDE + body
+
+
+ACQUIRE = _script(
+    """\
+-- lockd acquire: grant at once, queue, check in while queued, or leave the queue.
+-- ARGV[1] channel of the name    ARGV[2] owner     ARGV[3] request id
+-- ARGV[4] attempt id (unique per call)             ARGV[5] ttl_ms
+-- ARGV[6] limit                  ARGV[7] mode: try | new | wait | leave
+-- ARGV[8] waiter lease ms: a queued waiter that does not check in within it drops out
+-- Replies: {'granted', token, count, ttl_left_ms, waited_us} | {'queued', next_expiry_ms}
+--   | {'denied', holders} | {'abandoned'} | {'replaced'} | {'gone', holders}
+--   | {'lost', token}
+--   | {'invalid', current_limit}
+""",
+    r"""
+local owner, rid, attempt = ARGV[2], ARGV[3], ARGV[4]
+local ttl, limit, mode, lease = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local waiting = (mode == 'wait' or mode == 'leave')
+
+local function next_expiry()
+  local first = redis.call('ZRANGE', K_HEXP, 0, 0, 'WITHSCORES')
+  if #first == 0 then return -1 end
+  return math.max(0, tonumber(first[2]) - now)
+end
+
+if remembered('abandon', owner, rid) then return finish({'abandoned'}) end
+touch()
+local id = owner .. '\t' .. rid
+local rem = remembered('acquire', owner, rid)
+if rem then
+  local tok, waited, att = parse_grant(rem)
+  if waiting and att ~= nil and att ~= attempt then return finish({'replaced'}) end
+  local h = get_hold(owner)
+  if not h or h.token ~= tok then return finish({'lost', tok}) end
+  if not waiting then waited = 0 end
+  return finish(grant_reply(h, waited))
+end
+local w = get_waiter(id)
+if waiting then
+  if w and w.attempt == attempt then
+    if mode == 'leave' then
+      del_waiter(id)
+      settle()
+      return finish({'gone', holders_text()})
+    end
+    w.deadline = now + lease
+    put_waiter(w)
+    return finish({'queued', next_expiry()})
+  end
+  if w then return finish({'replaced'}) end
+  if mode == 'leave' then return finish({'gone', holders_text()}) end
+  -- dropped from the queue (it missed its deadline): it queues again below
+end
+local busy = redis.call('HLEN', K_HOLDS) > 0 or redis.call('LLEN', K_QUEUE) > 0
+local have = tonumber(redis.call('GET', K_LIMIT) or '0')
+if busy and have and have > 0 and have ~= limit then return finish({'invalid', have}) end
+if not busy then redis.call('SET', K_LIMIT, limit) end
+if w and mode == 'new' then  -- a retry of a queued request takes over its place
+  table.insert(woken, w.attempt)
+  w.attempt = attempt
+  w.deadline = now + lease
+  put_waiter(w)
+  return finish({'queued', next_expiry()})
+end
+local h = get_hold(owner)
+if h then
+  reenter(h, ttl)
+  remember('acquire', owner, rid, tostring(h.token))
+  return finish(grant_reply(h, 0))
+end
+if redis.call('HLEN', K_HOLDS) < limit and redis.call('LLEN', K_QUEUE) == 0 then
+  h = new_hold(owner, ttl)
+  remember('acquire', owner, rid, tostring(h.token))
+  return finish(grant_reply(h, 0))
+end
+if mode == 'try' then return finish({'denied', holders_text()}) end
+put_waiter({id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease})
+redis.call('RPUSH', K_QUEUE, id)
+return finish({'queued', next_expiry()})
+""",
+)
+
+RELEASE = _script(
+    """\
+-- lockd release: drop one count of the owner's hold, then grant waiters in order.
+-- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token (0: any)
+-- ARGV[4] request id ('' none)
+-- Replies: {'ok', count_left} | {'not_held'} | {'lost'} | {'revoked'}
+""",
+    r"""
+local owner, token, rid = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local rem = remembered('release', owner, rid)
+if rem then return {'ok', tonumber(rem)} end
+touch()
+local h, why = find(owner, token)
+if not h then return finish({why}) end
+local left = drop_one(h)
+remember('release', owner, rid, tostring(left))
+settle()
+return finish({'ok', left})
+""",
+)
+
+EXTEND = _script(
+    """\
+-- lockd extend: make the owner's hold last ttl_ms from now (Redis's clock).
+-- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token (0: any)   ARGV[4] ttl_ms
+-- Replies: {'granted', token, count, ttl_left_ms, 0} | {'not_held'} | {'lost'} | {'revoked'}
+""",
+    r"""
+local owner, token, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+touch()
+local h, why = find(owner, token)
+if not h then return finish({why}) end
+h.ttl = ttl
+h.expires = now + ttl
+put_hold(h)
+return finish(grant_reply(h, 0))
+""",
+)
+
+ABANDON = _script(
+    """\
+-- lockd abandon: undo acquire request_id whose caller has gone, whatever it reached:
+-- leave the queue, release a grant once, or refuse the request when it arrives.
+-- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] request id
+-- Replies: {'ok'}
+""",
+    r"""
+local owner, rid = ARGV[2], ARGV[3]
+if remembered('abandon', owner, rid) then return {'ok'} end
+remember('abandon', owner, rid, '1')
+touch()
+local id = owner .. '\t' .. rid
+local w = get_waiter(id)
+if w then
+  del_waiter(id)
+  table.insert(woken, w.attempt)
+  settle()
+  return finish({'ok'})
+end
+local rem = remembered('acquire', owner, rid)
+if rem then
+  local tok = parse_grant(rem)
+  local h = get_hold(owner)
+  if h and h.token == tok then
+    drop_one(h)
+    settle()
+  end
+end
+return finish({'ok'})
+""",
+)
+
+FORCE_RELEASE = _script(
+    """\
+-- lockd force_release: evict every holder (or one owner); their tokens are revoked.
+-- ARGV[1] channel of the name   ARGV[2] owner ('' : every holder)
+-- Replies: {'ok', {owner, token, count, ttl_left_ms, held_for_ms, acquired_at_ms}...}
+""",
+    r"""
+local only = ARGV[2]
+touch()
+local evicted = {}
+local all = redis.call('HGETALL', K_HOLDS)
+for i = 1, #all, 2 do
+  local owner = all[i]
+  if only == '' or owner == only then
+    local h = get_hold(owner)
+    del_hold(owner)
+    redis.call('ZADD', K_REVOKED, h.token, h.token)
+    table.insert(evicted, {owner, h.token, h.count, h.expires - now, now - h.granted, h.at})
+  end
+end
+redis.call('ZREMRANGEBYRANK', K_REVOKED, 0, -(MAX_REVOKED + 1))
+settle()
+return finish({'ok', evicted})
+""",
+)
+
+INSPECT = _script(
+    """\
+-- lockd inspect: holders, waiters in order, limit and last token of one name.
+-- ARGV[1] channel of the name
+-- Replies: {'ok', limit, last_token, {{owner, token, count, ttl_left_ms, held_for_ms,
+--   acquired_at_ms}...}, {{owner, waited_us}...}}
+""",
+    r"""
+touch()
+local holders = {}
+local all = redis.call('HGETALL', K_HOLDS)
+for i = 1, #all, 2 do
+  local h = get_hold(all[i])
+  table.insert(holders, {h.owner, h.token, h.count, h.expires - now, now - h.granted, h.at})
+end
+local waiters = {}
+for _, id in ipairs(redis.call('LRANGE', K_QUEUE, 0, -1)) do
+  local w = get_waiter(id)
+  if w then table.insert(waiters, {w.owner, now_us - w.enqueued}) end
+end
+local last = tonumber(redis.call('GET', K_TOKEN) or '0')
+return finish({'ok', current_limit(), last, holders, waiters})
+""",
+)
