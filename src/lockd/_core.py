@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from lockd.errors import AcquireTimeout, InvalidRequest, LockLost, NotHeld, Revoked
@@ -361,7 +361,7 @@ class LockTable(Generic[W]):
         """Return and clear what changed since the last call."""
         changes = Changes(
             # Copies: the writer may run after later steps changed the live holds.
-            holds={k: None if h is None else replace(h) for k, h in self._dirty_holds.items()},
+            holds={k: None if h is None else _copy(h) for k, h in self._dirty_holds.items()},
             last_token=self.last_token if self._dirty_token else None,
             revoked=self._new_revoked,
             requests=self._new_requests,
@@ -370,6 +370,11 @@ class LockTable(Generic[W]):
         self._dirty_holds, self._dirty_token = {}, False
         self._new_revoked, self._new_requests, self._dirty_names = [], [], {}
         return changes
+
+    def drop_changes(self) -> None:
+        """Forget what changed (a store that persists nothing)."""
+        self._dirty_holds, self._dirty_token = {}, False
+        self._new_revoked, self._new_requests, self._dirty_names = [], [], {}
 
     def restore(
         self,
@@ -489,3 +494,8 @@ class LockTable(Generic[W]):
         self._new_requests.append((request_key, value))
         while len(self._requests) > MAX_REMEMBERED_REQUESTS:
             self._requests.popitem(last=False)
+
+
+def _copy(hold: Hold) -> Hold:
+    return Hold(hold.owner, hold.token, hold.count, hold.ttl, hold.limit, hold.granted,
+                hold.expires, hold.acquired_at)  # fmt: skip

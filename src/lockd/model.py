@@ -200,14 +200,14 @@ def _check_text(value: object, what: str, max_bytes: int) -> str:
         raise InvalidRequest(f"{what} must be a string, not {type(value).__name__}")
     if not value:
         raise InvalidRequest(f"{what} must not be empty")
-    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid unicode: {value!r}") from None
+    if size > max_bytes:
         raise InvalidRequest(f"{what} is longer than {max_bytes} bytes")
     if not value.isprintable():
         raise InvalidRequest(f"{what} must not contain control characters: {value!r}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequest(f"{what} is not valid unicode: {value!r}") from None
     return value
 
 

@@ -218,8 +218,12 @@ class LocalBackend(Backend):
             error = exc
         # Captured now: another step's changes are not ours to announce.
         handoffs = [*handoffs, *self._table.take_handoffs()]
+        if not self._persistent:
+            self._table.drop_changes()
+            self._announce(key, handoffs)
+            return result, error, None
         changes = self._table.take_changes()
-        if not (changes and self._persistent):
+        if not changes:
             self._announce(key, handoffs)
             return result, error, None
         durable = self._persist(changes)
