@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.serverproc import free_port
+from tests.serverproc import free_port, stop_process
 
 
 def redis_server_binary() -> str | None:
@@ -51,16 +51,10 @@ class RedisProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal our server and wait for it; kill it if it does not stop in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = stop_process(self.process, sig, timeout)
         if self.process.stdout:
             self.process.stdout.close()
-        return self.process.returncode
+        return code
 
 
 def start_redis(*extra: str, timeout: float = 10.0) -> RedisProcess:

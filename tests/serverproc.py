@@ -31,14 +31,19 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the server and wait for it; kill it if it does not stop in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+    """Signal a process we started (by its PID), wait, kill it if it does not stop."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def start_server(store: str, cwd: str | None = None, timeout: float = 20.0) -> ServerProcess:
@@ -89,4 +94,4 @@ def running_server(store: str, cwd: str | None = None) -> Iterator[ServerProcess
             server.process.stdout.close()
 
 
-__all__ = ["ServerProcess", "free_port", "running_server", "start_server"]
+__all__ = ["ServerProcess", "free_port", "running_server", "start_server", "stop_process"]
