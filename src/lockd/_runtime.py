@@ -46,6 +46,7 @@ class Runtime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="lockd-io", daemon=True)
         self._stores: dict[str, _Shared] = {}
+        self._opening = asyncio.Lock()
         self._thread.start()
 
     def _run(self) -> None:
@@ -63,17 +64,18 @@ class Runtime:
     async def open_store(self, url: str) -> Backend:
         """The shared backend for ``url``, opened on first use (runs on the I/O loop)."""
         key = store_key(url)
-        shared = self._stores.get(key)
-        if shared is None:
-            backend = connect(url)
-            try:
-                await backend.open()
-            except BaseException:
-                await backend.aclose()
-                raise
-            shared = self._stores[key] = _Shared(backend, 0)
-        shared.users += 1
-        return shared.backend
+        async with self._opening:  # two clients opening one URL at once share one store
+            shared = self._stores.get(key)
+            if shared is None:
+                backend = connect(url)
+                try:
+                    await backend.open()
+                except BaseException:
+                    await backend.aclose()
+                    raise
+                shared = self._stores[key] = _Shared(backend, 0)
+            shared.users += 1
+            return shared.backend
 
     async def close_store(self, backend: Backend) -> None:
         """Drop one user of a shared backend; the last one closes it."""

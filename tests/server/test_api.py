@@ -245,3 +245,27 @@ def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def test_clients_opened_at_once_share_one_backend(server: ServerProcess) -> None:
+    """Opening a network store suspends; clients opening it meanwhile must not make a
+    second one (it would never be closed)."""
+    import lockd
+
+    clients: list[lockd.Client] = []
+    barrier = threading.Barrier(6)
+
+    def open_one() -> None:
+        barrier.wait()
+        clients.append(lockd.Client(server.url))
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    try:
+        assert len({id(c._session.backend) for c in clients}) == 1
+    finally:
+        for client in clients:
+            client.close()
