@@ -276,12 +276,9 @@ class LockTable(Generic[W]):
         self._pending += self._settle(key, res, now)
         return evicted, self.take_handoffs()
 
-    def expire(self, now: float) -> list[tuple[Waiter[W], Grant]]:
-        """Drop every hold past its ttl, across the table; returns the handoffs."""
-        for key, res in list(self._resources.items()):
-            self._expire(key, res, now)
-            if not (res.holds or res.waiters):
-                self._resources.pop(key, None)
+    def expire(self, now: float, key: Key | None = None) -> list[tuple[Waiter[W], Grant]]:
+        """Drop holds past their ttl (of ``key``, or across the table); returns the handoffs."""
+        self._drop_expired(now, key)
         return self.take_handoffs()
 
     def take_handoffs(self) -> list[tuple[Waiter[W], Grant]]:
@@ -323,10 +320,7 @@ class LockTable(Generic[W]):
 
     def names(self, namespace: str, prefix: str, now: float) -> list[str]:
         """Names in a namespace with a holder or waiter, sorted."""
-        for key, res in list(self._resources.items()):
-            self._expire(key, res, now)  # its handoffs stay pending for take_handoffs
-            if not (res.holds or res.waiters):
-                self._resources.pop(key, None)
+        self._drop_expired(now)  # its handoffs stay pending for take_handoffs
         return sorted(
             name
             for (ns, name), res in self._resources.items()
@@ -442,6 +436,15 @@ class LockTable(Generic[W]):
             self._dirty_holds[(*key, owner)] = None
         if gone:
             self._pending += self._settle(key, res, now)
+
+    def _drop_expired(self, now: float, key: Key | None = None) -> None:
+        for k in list(self._resources) if key is None else [key]:
+            res = self._resources.get(k)
+            if res is None:
+                continue
+            self._expire(k, res, now)
+            if not (res.holds or res.waiters):
+                self._resources.pop(k, None)
 
     def _reenter(self, key: Key, hold: Hold, ttl: float, now: float) -> None:
         hold.count += 1

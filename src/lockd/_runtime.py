@@ -46,7 +46,7 @@ class Runtime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="lockd-io", daemon=True)
         self._stores: dict[str, _Shared] = {}
-        self._opening = asyncio.Lock()
+        self._opening: dict[str, asyncio.Lock] = {}
         self._thread.start()
 
     def _run(self) -> None:
@@ -64,7 +64,8 @@ class Runtime:
     async def open_store(self, url: str) -> Backend:
         """The shared backend for ``url``, opened on first use (runs on the I/O loop)."""
         key = store_key(url)
-        async with self._opening:  # two clients opening one URL at once share one store
+        # Two clients opening one URL at once share one store; other URLs are not held up.
+        async with self._opening.setdefault(key, asyncio.Lock()):
             shared = self._stores.get(key)
             if shared is None:
                 backend = connect(url)

@@ -112,9 +112,12 @@ class FileBackend(LocalBackend):
 
     def _restore(self) -> None:
         db = self._db
+        names: dict[Key, int] = {
+            (ns, name): int(token)
+            for ns, name, token in db.execute("SELECT namespace, name, last_token FROM names")
+        }
         # The counter is the highest token any name got (the names table keeps each).
-        row = db.execute("SELECT max(last_token) FROM names").fetchone()
-        last_token = int(row[0]) if row and row[0] is not None else 0
+        last_token = max(names.values(), default=0)
         holds: list[tuple[Key, Hold]] = [
             ((ns, name), Hold(owner, token, count, ttl, lim, 0.0, 0.0, acquired_at))
             for ns, name, owner, token, count, ttl, lim, acquired_at in db.execute(
@@ -132,10 +135,6 @@ class FileBackend(LocalBackend):
                 "SELECT op, namespace, name, owner, request_id, value FROM requests ORDER BY rowid"
             )
         ]
-        names: dict[Key, int] = {
-            (ns, name): int(token)
-            for ns, name, token in db.execute("SELECT namespace, name, last_token FROM names")
-        }
         self._table.restore(holds, last_token, revoked, requests, self._clock(), names)
 
     def _persist(self, changes: Changes) -> asyncio.Future[None]:

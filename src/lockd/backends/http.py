@@ -82,16 +82,14 @@ class HttpBackend(Backend):
         request_id: str | None,
     ) -> Grant:
         rid = request_id or uuid.uuid4().hex
-        abandoned = asyncio.Event()
         polling = asyncio.ensure_future(
-            self._poll_acquire(namespace, name, owner, ttl, wait, limit, rid, abandoned)
+            self._poll_acquire(namespace, name, owner, ttl, wait, limit, rid)
         )
         try:
             return await asyncio.shield(polling)
         except asyncio.CancelledError:
             # Whether the server queued, granted or has not yet seen the request, abandon
             # undoes it; closing the poll's connection lets the server drop it at once.
-            abandoned.set()
             polling.cancel()
             task = asyncio.ensure_future(self._abandon(namespace, name, owner, rid))
             self._background.add(task)
@@ -114,7 +112,6 @@ class HttpBackend(Backend):
         wait: float | None,
         limit: int,
         request_id: str,
-        abandoned: asyncio.Event,
     ) -> Grant:
         start = time.monotonic()
         end = None if wait is None else start + wait
@@ -132,8 +129,7 @@ class HttpBackend(Backend):
                 )  # fmt: skip
             except AcquireTimeout:
                 now = time.monotonic()
-                over = (end is not None and now >= end) or abandoned.is_set()
-                if over or now - poll_sent < poll * 0.9:
+                if (end is not None and now >= end) or now - poll_sent < poll * 0.9:
                     raise  # our wait is over, or the server ended the poll early (a retry)
                 continue
             grant = _grant(data)

@@ -313,7 +313,7 @@ class LocalBackend(Backend):
 
     def _expire_now(self, key: Key) -> None:
         self._timers.pop(key, None)
-        self._run_step(key, lambda: (None, self._table.expire(self._clock())))
+        self._run_step(key, lambda: (None, self._table.expire(self._clock(), key)))
 
     def _start(self) -> None:
         if self._sweeper is None and not self._closed:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict
 from typing import Any
 
@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lockd.backends import Backend, connect
 from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
-from lockd.model import DEFAULT_NAMESPACE
+from lockd.model import DEFAULT_NAMESPACE, Grant
 
 __all__ = ["MAX_POLL", "STATUS", "create_app"]
 
@@ -121,17 +121,26 @@ async def acquire(
         )
     owner = body.owner if body.owner is not None else uuid.uuid4().hex
     backend = _backend(request)
-    if body.wait == 0:  # nothing to race: answer directly
-        try:
-            grant = await backend.acquire(namespace, name, owner, ttl=body.ttl, wait=0,
-                                          limit=body.limit, request_id=body.request_id)  # fmt: skip
-        except AcquireTimeout as exc:
-            return await _not_granted(backend, namespace, name, owner, exc)
-        return JSONResponse(_plain(grant))
-    call = asyncio.ensure_future(
-        backend.acquire(namespace, name, owner, ttl=body.ttl, wait=body.wait, limit=body.limit,
-                        request_id=body.request_id)
-    )  # fmt: skip
+    acquiring = backend.acquire(namespace, name, owner, ttl=body.ttl, wait=body.wait,
+                                limit=body.limit, request_id=body.request_id)  # fmt: skip
+    try:
+        # With no wait there is nothing to race: answer directly.
+        if body.wait == 0:
+            grant = await acquiring
+        else:
+            grant = await _unless_gone(request, acquiring, name, owner)
+    except AcquireTimeout as exc:
+        info = await backend.inspect(namespace, name)
+        holders = [_plain(h) for h in info.holders]
+        return error_response(exc.code, exc.message, owner=owner, holders=holders)
+    return JSONResponse(_plain(grant))
+
+
+async def _unless_gone(
+    request: Request, acquiring: Coroutine[Any, Any, Grant], name: str, owner: str
+) -> Grant:
+    """Wait for the grant, unless the client disconnects or the server drains first."""
+    call = asyncio.ensure_future(acquiring)
     gone = asyncio.ensure_future(_disconnected(request))
     drain = asyncio.ensure_future(request.app.state.draining.wait())
     try:
@@ -145,18 +154,7 @@ async def acquire(
                 await call
     if call.cancelled():
         raise BackendUnavailable("server is shutting down; retry", name=name, owner=owner)
-    try:
-        return JSONResponse(_plain(call.result()))
-    except AcquireTimeout as exc:
-        return await _not_granted(backend, namespace, name, owner, exc)
-
-
-async def _not_granted(
-    backend: Backend, namespace: str, name: str, owner: str, exc: AcquireTimeout
-) -> JSONResponse:
-    info = await backend.inspect(namespace, name)
-    holders = [_plain(h) for h in info.holders]
-    return error_response(exc.code, exc.message, owner=owner, holders=holders)
+    return call.result()
 
 
 @router.post("/v1/locks/{name:path}/release", summary="Release one count of a hold")
