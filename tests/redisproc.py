@@ -36,6 +36,15 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def _wait_until_up(process: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if _ping(port):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 @dataclass
 class RedisProcess:
     """A running ``redis-server`` we started."""
@@ -43,6 +52,7 @@ class RedisProcess:
     process: subprocess.Popen[bytes]
     port: int
     folder: Path
+    command: list[str]
 
     @property
     def url(self) -> str:
@@ -51,10 +61,37 @@ class RedisProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal our server and wait for it; kill it if it does not stop in time."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGCONT)  # a paused server cannot exit
         code = stop_process(self.process, sig, timeout)
         if self.process.stdout:
             self.process.stdout.close()
         return code
+
+    def kill(self) -> None:
+        """kill -9 the server (a crash); :meth:`restart` brings it back."""
+        self.stop(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its connections but answers nothing."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        self.process.send_signal(signal.SIGCONT)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start the server again on the same port, folder and options (after a stop)."""
+        if self.process.poll() is None:
+            raise RuntimeError("stop the server before restarting it")
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        if not _wait_until_up(self.process, self.port, timeout):
+            out = self.process.stdout.read() if self.process.stdout else b""
+            self.stop(signal.SIGKILL)
+            raise RuntimeError(f"redis-server did not restart: {out.decode(errors='replace')}")
 
 
 def start_redis(*extra: str, timeout: float = 10.0) -> RedisProcess:
@@ -68,12 +105,9 @@ def start_redis(*extra: str, timeout: float = 10.0) -> RedisProcess:
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
                    "--save", "", "--appendonly", "no", "--daemonize", "no", *extra]  # fmt: skip
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        server = RedisProcess(process, port, folder)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process.poll() is None:
-            if _ping(port):
-                return server
-            time.sleep(0.02)
+        server = RedisProcess(process, port, folder, command)
+        if _wait_until_up(process, port, timeout):
+            return server
         out = b""
         if process.poll() is not None and process.stdout:
             out = process.stdout.read()
