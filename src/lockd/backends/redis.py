@@ -71,6 +71,9 @@ WAITER_LEASE = 3.0
 """Seconds a queued waiter keeps its place without checking in."""
 SUBSCRIBE_TIMEOUT = 2.0
 """Seconds to wait for Redis to confirm a SUBSCRIBE before trying anyway."""
+SCRIPTS = ("ACQUIRE", "RELEASE", "EXTEND", "ABANDON", "FORCE_RELEASE", "INSPECT", "RAISE")
+LINGER = 10.0
+"""Seconds a channel stays subscribed after its last waiter left."""
 
 
 def _redact(url: str) -> str:
@@ -104,7 +107,10 @@ class RedisBackend(Backend):
         self._scripts: dict[str, AsyncScript] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._channels: dict[str, int] = {}
+        self._channels: dict[str, int] = {}  # channel -> local waiters using it
+        self._live: set[str] = set()  # channels Redis confirmed we are subscribed to
+        self._idle: dict[str, float] = {}  # unused channel -> since (monotonic)
+        self._swept = 0.0
         self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -127,7 +133,7 @@ class RedisBackend(Backend):
             socket_connect_timeout=5.0,
             socket_timeout=10.0,
         )
-        for name in ("ACQUIRE", "RELEASE", "EXTEND", "ABANDON", "FORCE_RELEASE", "INSPECT"):
+        for name in SCRIPTS:
             self._scripts[name] = self._redis.register_script(getattr(redis_lua, name))
         await self.ping()
         with contextlib.suppress(Exception):  # CONFIG may be refused by an ACL
@@ -312,6 +318,12 @@ class RedisBackend(Backend):
         )
 
     async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
+        names = await self._names(namespace, prefix)
+        found = [await self._inspect(namespace, name) for name in sorted(names)]
+        return [info for info in found if info.holders or info.waiters]
+
+    async def _names(self, namespace: str, prefix: str) -> set[str]:
+        """Names under ``prefix`` that have a resource record (held or waited for)."""
         head = f"lockd:{{{namespace}:"
         tail = "}:limit"
         pattern = _glob_escape(head + prefix) + "*" + _glob_escape(tail)
@@ -323,8 +335,7 @@ class RedisBackend(Backend):
                     names.add(key[len(head) : -len(tail)])
 
         await self._call(scan)
-        found = [await self._inspect(namespace, name) for name in sorted(names)]
-        return [info for info in found if info.holders or info.waiters]
+        return names
 
     async def _force_release(
         self, namespace: str, name: str, owner: str | None
@@ -334,26 +345,34 @@ class RedisBackend(Backend):
 
     # --- notifications ----------------------------------------------------------------
 
-    async def _subscribe(self, channel: str) -> None:
-        """Subscribe to ``channel`` (shared by local waiters) and wait for Redis's OK."""
-        users = self._channels.get(channel, 0)
-        self._channels[channel] = users + 1
-        pending = self._confirm.setdefault(channel, deque())
-        if users == 0:
-            confirmed = asyncio.get_running_loop().create_future()
-            pending.append(confirmed)
-            if self._pubsub is None:
-                self._pubsub = self._client().pubsub()
-            pubsub = self._pubsub
-            await self._call(lambda: pubsub.subscribe(channel))
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.ensure_future(self._read())
-        elif pending:
-            confirmed = pending[-1]
-        else:
+    async def _subscribe(self, channel: str, confirm_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
+        """Count a user of ``channel`` and make sure we are subscribed to it.
+
+        Every call counts a user, even when it fails: the caller always calls
+        :meth:`_unsubscribe` afterwards. A channel stays subscribed for ``LINGER``
+        seconds after its last user, so a lock taken in a loop does not resubscribe each
+        time.
+        """
+        self._channels[channel] = self._channels.get(channel, 0) + 1
+        self._idle.pop(channel, None)
+        if channel in self._live:
             return
+        confirmed = asyncio.get_running_loop().create_future()
+        pending = self._confirm.setdefault(channel, deque())
+        pending.append(confirmed)
+        if self._pubsub is None:
+            self._pubsub = self._client().pubsub()
+        pubsub = self._pubsub
+        try:
+            await self._call(lambda: pubsub.subscribe(channel))
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                pending.remove(confirmed)  # no confirmation will come for it
+            raise
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read())
         with contextlib.suppress(TimeoutError):  # the bounded re-check covers a lost OK
-            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+            async with asyncio.timeout(confirm_timeout):
                 await asyncio.shield(confirmed)
 
     def _unsubscribe(self, channel: str) -> None:
@@ -362,18 +381,20 @@ class RedisBackend(Backend):
             self._channels[channel] = users
             return
         self._channels.pop(channel, None)
-        if self._pubsub is None or self._closed:
+        self._idle[channel] = time.monotonic()
+
+    async def _drop_idle_channels(self, pubsub: PubSub) -> None:
+        """Unsubscribe from channels nobody has used for ``LINGER`` seconds."""
+        now = time.monotonic()
+        if now - self._swept < 1.0:
             return
-
-        pubsub = self._pubsub
-
-        async def unsubscribe() -> None:
-            with contextlib.suppress(Exception):
-                await pubsub.unsubscribe(channel)
-
-        task = asyncio.ensure_future(unsubscribe())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._swept = now
+        idle = [ch for ch, since in self._idle.items() if now - since >= LINGER]
+        for channel in idle:
+            del self._idle[channel]
+            self._live.discard(channel)
+        if idle:
+            await pubsub.unsubscribe(*idle)
 
     async def _read(self) -> None:
         """Deliver messages: subscribe confirmations, and wake-ups of local waiters."""
@@ -381,17 +402,21 @@ class RedisBackend(Backend):
         assert pubsub is not None
         while not self._closed:
             try:
+                await self._drop_idle_channels(pubsub)
                 message = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the waiters' re-checks carry on meanwhile
                 log.debug("redis pub/sub read failed: %s", exc)
+                self._live.clear()  # resubscribe on next use
                 await asyncio.sleep(0.2)
                 continue
             if not message:
                 continue
             kind, channel = message.get("type"), message.get("channel")
             if kind == "subscribe":
+                if channel in self._channels or channel in self._idle:
+                    self._live.add(channel)
                 pending = self._confirm.get(channel)
                 if pending:
                     confirmed = pending.popleft()

@@ -28,7 +28,16 @@ its body. Replies are arrays whose first element is a status word.
 
 from __future__ import annotations
 
-__all__ = ["ABANDON", "ACQUIRE", "EXTEND", "FORCE_RELEASE", "INSPECT", "KEY_SUFFIXES", "RELEASE"]
+__all__ = [
+    "ABANDON",
+    "ACQUIRE",
+    "EXTEND",
+    "FORCE_RELEASE",
+    "INSPECT",
+    "KEY_SUFFIXES",
+    "RAISE",
+    "RELEASE",
+]
 
 KEY_SUFFIXES = (
     "holds",
@@ -211,7 +220,7 @@ local function find(owner, token)
 end
 
 local function grant_reply(h, waited_us)
-  return {'granted', h.token, h.count, h.expires - now, waited_us}
+  return {'granted', h.token, h.count, h.expires - now, waited_us, current_limit()}
 end
 
 -- "owner (token N), ..." of the live holds, for a timeout's message
@@ -244,9 +253,9 @@ ACQUIRE = _script(
 -- ARGV[4] attempt id (unique per call)             ARGV[5] ttl_ms
 -- ARGV[6] limit                  ARGV[7] mode: try | new | wait | leave
 -- ARGV[8] waiter lease ms: a queued waiter that does not check in within it drops out
--- Replies: {'granted', token, count, ttl_left_ms, waited_us} | {'queued', next_expiry_ms}
---   | {'denied', holders} | {'abandoned'} | {'replaced'} | {'gone', holders}
---   | {'lost', token}
+-- Replies: {'granted', token, count, ttl_left_ms, waited_us, limit}
+--   | {'queued', next_expiry_ms, {holder owners}} | {'denied', holders} | {'abandoned'}
+--   | {'replaced'} | {'gone', holders} | {'lost', token}
 --   | {'invalid', current_limit}
 """,
     r"""
@@ -282,7 +291,7 @@ if waiting then
     end
     w.deadline = now + lease
     put_waiter(w)
-    return finish({'queued', next_expiry()})
+    return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
   end
   if w then return finish({'replaced'}) end
   if mode == 'leave' then return finish({'gone', holders_text()}) end
@@ -297,7 +306,7 @@ if w and mode == 'new' then  -- a retry of a queued request takes over its place
   w.attempt = attempt
   w.deadline = now + lease
   put_waiter(w)
-  return finish({'queued', next_expiry()})
+  return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
 end
 local h = get_hold(owner)
 if h then
@@ -313,7 +322,7 @@ end
 if mode == 'try' then return finish({'denied', holders_text()}) end
 put_waiter({id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease})
 redis.call('RPUSH', K_QUEUE, id)
-return finish({'queued', next_expiry()})
+return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
 """,
 )
 
@@ -342,7 +351,8 @@ EXTEND = _script(
     """\
 -- lockd extend: make the owner's hold last ttl_ms from now (Redis's clock).
 -- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token (0: any)   ARGV[4] ttl_ms
--- Replies: {'granted', token, count, ttl_left_ms, 0} | {'not_held'} | {'lost'} | {'revoked'}
+-- Replies: {'granted', token, count, ttl_left_ms, 0, limit} | {'not_held'} | {'lost'}
+--   | {'revoked'}
 """,
     r"""
 local owner, token, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -437,5 +447,35 @@ for _, id in ipairs(redis.call('LRANGE', K_QUEUE, 0, -1)) do
 end
 local last = tonumber(redis.call('GET', K_TOKEN) or '0')
 return finish({'ok', current_limit(), last, holders, waiters})
+""",
+)
+
+RAISE = _script(
+    """\
+-- lockd raise (RedLock): give the owner's hold the token a majority of nodes agreed on,
+-- and lift the counter to it, so every later grant on this node gets a higher token.
+-- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token this node granted
+-- ARGV[4] agreed token (higher)   ARGV[5] request id of the acquire
+-- Replies: {'ok'} | {'not_held'}
+""",
+    r"""
+local owner, old, new, rid = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+touch()
+local h = get_hold(owner)
+if h and h.token == new then return {'ok'} end
+if not h or h.token ~= old then return finish({'not_held'}) end
+if tonumber(redis.call('GET', K_TOKEN) or '0') < new then redis.call('SET', K_TOKEN, new) end
+h.token = new
+put_hold(h)
+local rem = remembered('acquire', owner, rid)
+if rem then
+  local tok, waited, att = parse_grant(rem)
+  if tok == old and att then
+    remember('acquire', owner, rid, string.format('%d|%d|%s', new, waited, att))
+  elseif tok == old then
+    remember('acquire', owner, rid, tostring(new))
+  end
+end
+return finish({'ok'})
 """,
 )
