@@ -30,7 +30,9 @@ serve: $(STAMP)
 	$(VENV)/bin/lockd serve $(SERVE_ARGS)
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[server,redis,bench]"
 	$(PY) bench/http_bench.py
+	$(PY) bench/redis_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,940 @@
+"""Redis benchmark: lockd against redis-py's Lock, python-redis-lock and pottery's Redlock.
+
+Starts its own ``redis-server`` processes (``tests/redisproc.py``) and measures, in one
+run, every library against the same Redis:
+
+* ``uncontended``: one thread, sync APIs, acquire+release pairs on a name of its own,
+  for lockd (blocking acquire, ``wait=30``, and a try-once acquire, ``wait=0``), redis-py
+  ``Redis.lock()``, python-redis-lock and pottery's ``Redlock`` on one master, next to the
+  floor: ``SET key val NX PX ttl`` + ``EVALSHA`` of a compare-and-delete script on one
+  redis-py connection. Pairs/s, ratio to the floor, p50/p99 per pair, and the CPU this
+  process (all its threads) and redis-server spent per pair. Each library runs
+  ``--rounds`` times after a warm-up, in reversed order on every other round.
+* ``contended``: ``--contenders`` OS processes share one lock; each loops: acquire
+  (blocking), ``GET`` a counter key, increment it locally, ``SET`` it back, release.
+  Critical sections/s, wait p50/p99 (from calling acquire to holding), per-process
+  counts, Jain's fairness index and lost updates (critical sections the processes
+  counted minus the counter's final value). The counter is on the lock's Redis.
+* ``redlock``: the contended test on 3 independent redis-server nodes: lockd's
+  ``redlock://`` backend against pottery's Redlock with the same 3 masters. The counter
+  lives on a 4th redis-server, so the lock nodes carry lock traffic only. When this
+  lockd has no ``redlock://`` backend, its row is marked "not available".
+
+The machine may be shared, so each phase first waits (``--quiet-wait``) for a quiet
+moment and records the CPU everything else used meanwhile ("other").
+
+Usage::
+
+    .venv/bin/python bench/redis_bench.py                  # everything (about 3 minutes)
+    .venv/bin/python bench/redis_bench.py --quick          # short durations, one round
+    .venv/bin/python bench/redis_bench.py --section contended --contention-duration 10
+
+Results go to ``bench/results/redis_bench.json`` and ``bench/results/redis_bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.redisproc import RedisProcess, start_redis  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+SECTIONS = ("uncontended", "contended", "redlock")
+UNCONTENDED_LIBS = ("floor", "lockd", "lockd-try", "redis-py", "python-redis-lock", "pottery")
+CONTENDED_LIBS = ("lockd", "redis-py", "python-redis-lock", "pottery")
+REDLOCK_LIBS = ("lockd-redlock", "pottery")
+LABELS = {
+    "floor": "floor: SET NX PX + EVALSHA",
+    "lockd": "lockd (wait=30)",
+    "lockd-try": "lockd (wait=0)",
+    "lockd-redlock": "lockd redlock://",
+    "redis-py": "redis-py Lock",
+    "python-redis-lock": "python-redis-lock",
+    "pottery": "pottery Redlock",
+}
+RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+NOT_AVAILABLE = "not available"
+
+Json = dict[str, Any]
+
+
+# --- machine and processes ------------------------------------------------------------------
+
+
+def machine_busy_cpu() -> float:
+    """CPU seconds all cores spent busy (not idle or waiting for I/O) since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(threshold: float, max_wait: float, window: float = 0.5) -> Json:
+    """Wait (up to ``max_wait`` s) until other processes use at most ``threshold`` cores."""
+    began = time.monotonic()
+    while True:
+        t0, c0 = time.perf_counter(), machine_busy_cpu()
+        time.sleep(window)
+        busy = (machine_busy_cpu() - c0) / (time.perf_counter() - t0)
+        waited = time.monotonic() - began
+        if busy <= threshold or waited >= max_wait:
+            return {"waited_s": round(waited, 2), "busy_cores_before": round(busy, 3)}
+
+
+@dataclass
+class Sample:
+    """Wall clock and CPU readings at one instant."""
+
+    wall: float
+    own_cpu: float
+    redis_cpu: float
+    machine_cpu: float
+
+    @classmethod
+    def take(cls, redis_pids: list[int]) -> Sample:
+        return cls(
+            time.perf_counter(),
+            time.process_time(),
+            sum(process_cpu(pid) for pid in redis_pids),
+            machine_busy_cpu(),
+        )
+
+
+@contextlib.contextmanager
+def redis_servers(count: int) -> Iterator[list[RedisProcess]]:
+    """``count`` independent redis-server processes, stopped (by pid) and removed after."""
+    servers: list[RedisProcess] = []
+    try:
+        for _ in range(count):
+            servers.append(start_redis())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.folder, ignore_errors=True)
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
+    return sorted_values[min(rank, len(sorted_values) - 1)]
+
+
+def latency_summary(values: list[float]) -> Json:
+    """p50/p90/p99/max/mean in milliseconds."""
+    ordered = sorted(values)
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {
+        "n": len(ordered),
+        "p50_ms": ms(percentile(ordered, 50)),
+        "p90_ms": ms(percentile(ordered, 90)),
+        "p99_ms": ms(percentile(ordered, 99)),
+        "max_ms": ms(ordered[-1] if ordered else None),
+        "mean_ms": ms(sum(ordered) / len(ordered) if ordered else None),
+    }
+
+
+def jain_index(counts: list[int]) -> float | None:
+    """Jain's fairness index: (sum x)^2 / (n * sum x^2); 1.0 is perfectly even."""
+    squares = sum(x * x for x in counts)
+    if not counts or squares == 0:
+        return None
+    return round(sum(counts) ** 2 / (len(counts) * squares), 4)
+
+
+# --- the locks under test -------------------------------------------------------------------
+
+
+@dataclass
+class Handle:
+    """One library's lock on one name, reduced to acquire/release/token/close."""
+
+    acquire: Callable[[], None]
+    release: Callable[[], None]
+    close: Callable[[], None]
+    token: Callable[[], int | None] = lambda: None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the locks live: lockd's store URL and the plain Redis URLs of the lock nodes."""
+
+    lockd_url: str
+    redis_urls: tuple[str, ...]
+
+
+def open_handle(lib: str, target: Target, name: str, ttl: float, wait: float) -> Handle:
+    """Open ``lib``'s lock on ``name``; acquire blocks up to ``wait`` s (raising after)."""
+    if lib in ("lockd", "lockd-try", "lockd-redlock"):
+        return _lockd_handle(target.lockd_url, name, ttl, 0.0 if lib == "lockd-try" else wait)
+    conns = [redis.Redis.from_url(url) for url in target.redis_urls]
+
+    def close() -> None:
+        for conn in conns:
+            conn.close()
+
+    if lib == "floor":
+        return _floor_handle(conns[0], name, ttl, close)
+    if lib == "redis-py":
+        lock = conns[0].lock(f"bench:{name}", timeout=ttl, blocking_timeout=wait)
+
+        def acquire_redis_py() -> None:
+            if not lock.acquire():
+                raise TimeoutError(f"redis-py Lock {name!r} not acquired in {wait} s")
+
+        return Handle(acquire_redis_py, lock.release, close)
+    if lib == "python-redis-lock":
+        import redis_lock
+
+        # Its acquire timeout may not exceed expire; without one it BLPOPs until granted.
+        prl = redis_lock.Lock(conns[0], f"bench:{name}", expire=max(1, round(ttl)))
+        return Handle(lambda: _check(prl.acquire(), name), prl.release, close)
+    if lib == "pottery":
+        from pottery import Redlock
+
+        redlock = Redlock(key=f"bench:{name}", masters=set(conns), auto_release_time=ttl)
+        return Handle(lambda: _check(redlock.acquire(timeout=wait), name), redlock.release, close)
+    raise ValueError(f"unknown library {lib!r}")
+
+
+def _check(acquired: object, name: str) -> None:
+    if not acquired:
+        raise TimeoutError(f"{name!r} not acquired")
+
+
+def _lockd_handle(url: str, name: str, ttl: float, wait: float) -> Handle:
+    import lockd
+
+    client = lockd.Client(url)
+    lock = client.lock(name, ttl=ttl, wait=wait)
+
+    def acquire() -> None:
+        lock.acquire()
+
+    return Handle(acquire, lock.release, client.close, lambda: lock.token)
+
+
+def _floor_handle(conn: redis.Redis, name: str, ttl: float, close: Callable[[], None]) -> Handle:
+    """Two round trips: SET NX PX, then EVALSHA compare-and-delete."""
+    key = f"bench:{name}"
+    ttl_ms = round(ttl * 1000)
+    sha = conn.script_load(RELEASE_LUA)
+    held = [""]
+
+    def acquire() -> None:
+        token = uuid.uuid4().hex
+        if not conn.set(key, token, nx=True, px=ttl_ms):
+            raise RuntimeError(f"{key} is taken")
+        held[0] = token
+
+    def release() -> None:
+        if conn.evalsha(sha, 1, key, held[0]) != 1:
+            raise RuntimeError(f"{key} was not held")
+
+    return Handle(acquire, release, close)
+
+
+def versions() -> Json:
+    """Versions of the libraries compared and of redis-server."""
+    found: Json = {}
+    for package in ("lockd", "redis", "hiredis", "pottery", "python-redis-lock"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    binary = shutil.which("redis-server")
+    if binary:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+        words = [w for w in out.stdout.split() if w.startswith("v=")]
+        found["redis-server"] = words[0][2:] if words else out.stdout.strip()
+    return found
+
+
+def lockd_unavailable(url: str) -> str | None:
+    """None when ``lockd.Client(url)`` opens; otherwise why not."""
+    import lockd
+
+    try:
+        lockd.Client(url).close()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# --- uncontended ----------------------------------------------------------------------------
+
+
+def run_pairs(
+    handle: Handle, warmup: float, duration: float, redis_pids: list[int]
+) -> tuple[list[float], float, Sample, Sample]:
+    """Acquire+release pairs for ``warmup`` s, then ``duration`` s measured."""
+    perf = time.perf_counter
+    end = perf() + warmup
+    while perf() < end:
+        handle.acquire()
+        handle.release()
+    latencies: list[float] = []
+    first = Sample.take(redis_pids)
+    end = first.wall + duration
+    t1 = first.wall
+    while t1 < end:
+        t0 = perf()
+        handle.acquire()
+        handle.release()
+        t1 = perf()
+        latencies.append(t1 - t0)
+    last = Sample.take(redis_pids)
+    return latencies, last.wall - first.wall, first, last
+
+
+def uncontended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
+    """Every library's uncontended pairs on the same Redis, ``--rounds`` times."""
+    target = Target(server.url, (server.url,))
+    run = uuid.uuid4().hex[:6]
+    libs = [lib for lib in UNCONTENDED_LIBS if lib in args.libs or lib == "floor"]
+    pids = [server.process.pid]
+    per_lib: dict[str, Json] = {
+        lib: {"rounds": [], "latencies": [], "elapsed": 0.0, "own_cpu": 0.0, "redis_cpu": 0.0}
+        for lib in libs
+    }
+    for round_no in range(args.rounds):
+        order = libs if round_no % 2 == 0 else libs[::-1]
+        for lib in order:
+            quiet = wait_for_quiet(args.quiet_threshold, args.quiet_wait)
+            handle = open_handle(lib, target, f"pairs-{run}-{lib}", args.ttl, args.wait)
+            try:
+                lat, elapsed, first, last = run_pairs(handle, args.warmup, args.duration, pids)
+            finally:
+                handle.close()
+            acc = per_lib[lib]
+            own, red = last.own_cpu - first.own_cpu, last.redis_cpu - first.redis_cpu
+            other = (last.machine_cpu - first.machine_cpu) - own - red
+            acc["latencies"] += lat
+            acc["elapsed"] += elapsed
+            acc["own_cpu"] += own
+            acc["redis_cpu"] += red
+            acc["rounds"].append(
+                {
+                    "round": round_no + 1,
+                    "pairs": len(lat),
+                    "pairs_per_s": round(len(lat) / elapsed, 1),
+                    "p50_ms": latency_summary(lat)["p50_ms"],
+                    "other_cpu_cores": round(max(0.0, other) / elapsed, 3),
+                    "quiet_wait": quiet,
+                }
+            )
+            print(
+                f"  round {round_no + 1} {LABELS[lib]:28} {len(lat) / elapsed:>8,.0f} pairs/s  "
+                f"p50 {latency_summary(lat)['p50_ms']} ms  other {max(0.0, other) / elapsed:.2f}",
+                flush=True,
+            )
+    floor_rate = len(per_lib["floor"]["latencies"]) / per_lib["floor"]["elapsed"]
+    rows = []
+    for lib in libs:
+        acc = per_lib[lib]
+        pairs = len(acc["latencies"])
+        rate = pairs / acc["elapsed"]
+        rows.append(
+            {
+                "library": lib,
+                "label": LABELS[lib],
+                "pairs": pairs,
+                "pairs_per_s": round(rate, 1),
+                "ratio_to_floor": round(rate / floor_rate, 3),
+                "latency": latency_summary(acc["latencies"]),
+                "client_cpu_us_per_pair": round(acc["own_cpu"] / pairs * 1e6, 1),
+                "redis_cpu_us_per_pair": round(acc["redis_cpu"] / pairs * 1e6, 1),
+                "rounds": acc["rounds"],
+            }
+        )
+    return {"redis": server.url, "rows": rows}
+
+
+# --- contention -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContentionSpec:
+    """What every contending process does (picklable, for spawned processes)."""
+
+    lib: str
+    target: Target
+    counter_url: str
+    counter_key: str
+    lock_name: str
+    duration: float
+    ttl: float
+    wait: float
+
+
+@dataclass
+class ContenderReport:
+    """One contending process's results."""
+
+    index: int
+    count: int = 0
+    waits: list[float] = field(default_factory=list)
+    held_at: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+    cpu_s: float = 0.0
+
+
+def contender(
+    index: int, spec: ContentionSpec, barrier: Barrier, results: mp.Queue[ContenderReport]
+) -> None:
+    """One contending process: read-modify-write of the counter under the lock until time's up."""
+    out = ContenderReport(index)
+    counter = redis.Redis.from_url(spec.counter_url)
+    handle: Handle | None = None
+    try:
+        handle = open_handle(spec.lib, spec.target, spec.lock_name, spec.ttl, spec.wait)
+        counter.ping()
+        barrier.wait(timeout=120)
+        out.started = time.monotonic()
+        cpu0 = time.process_time()
+        end = out.started + spec.duration
+        perf = time.perf_counter
+        while time.monotonic() < end:
+            t0 = perf()
+            handle.acquire()
+            t1 = perf()
+            out.waits.append(t1 - t0)
+            out.held_at.append(t1)  # CLOCK_MONOTONIC on Linux: comparable across processes
+            try:
+                token = handle.token()
+                if token is not None:
+                    out.tokens.append(token)
+                value = int(counter.get(spec.counter_key) or 0)  # read-modify-write,
+                counter.set(spec.counter_key, value + 1)  # protected by the lock alone
+            finally:
+                handle.release()
+            out.count += 1
+        out.finished = time.monotonic()
+        out.cpu_s = time.process_time() - cpu0
+    except Exception as exc:
+        out.errors.append(repr(exc))
+        out.finished = out.finished or time.monotonic()
+        with contextlib.suppress(Exception):
+            barrier.abort()
+    finally:
+        with contextlib.suppress(Exception):
+            if handle is not None:
+                handle.close()
+        counter.close()
+        results.put(out)
+
+
+def run_contention(spec: ContentionSpec, processes: int, redis_pids: list[int]) -> Json:
+    """Critical sections/s, waits, fairness and lost updates of processes sharing one lock."""
+    ctx = mp.get_context("spawn")
+    counter = redis.Redis.from_url(spec.counter_url)
+    counter.set(spec.counter_key, 0)
+    barrier = ctx.Barrier(processes + 1)
+    queue: mp.Queue[ContenderReport] = ctx.Queue()
+    procs = [
+        ctx.Process(target=contender, args=(i, spec, barrier, queue), daemon=True)
+        for i in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait(timeout=120)
+    first = Sample.take(redis_pids)
+    outs: list[ContenderReport] = []
+    try:
+        outs = [queue.get(timeout=spec.duration + spec.wait + 120) for _ in procs]
+    finally:
+        last = Sample.take(redis_pids)
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    final = int(counter.get(spec.counter_key) or 0)
+    counter.close()
+    return contention_result(spec, outs, final, first, last)
+
+
+def contention_result(
+    spec: ContentionSpec, outs: list[ContenderReport], final: int, first: Sample, last: Sample
+) -> Json:
+    """Summarise the contenders' reports."""
+    outs.sort(key=lambda o: o.index)
+    counts = [o.count for o in outs]
+    waits = [w for o in outs for w in o.waits]
+    tokens = [t for o in outs for t in o.tokens]
+    total = sum(counts)
+    order = sorted((t, o.index) for o in outs for t in o.held_at)
+    changes = sum(1 for a, b in itertools.pairwise(order) if a[1] != b[1])
+    started = min((o.started for o in outs if o.started), default=0.0)
+    elapsed = max((o.finished for o in outs), default=0.0) - started
+    wall = last.wall - first.wall
+    contenders_cpu = sum(o.cpu_s for o in outs)
+    redis_cpu = last.redis_cpu - first.redis_cpu
+    busy = last.machine_cpu - first.machine_cpu
+    return {
+        "library": spec.lib,
+        "label": LABELS[spec.lib],
+        "processes": len(outs),
+        "lock": {"ttl": spec.ttl, "wait": spec.wait},
+        "elapsed_s": round(elapsed, 3),
+        "critical_sections": total,
+        "cs_per_s": round(total / elapsed, 1) if elapsed > 0 else None,
+        "per_process_counts": counts,
+        "wait": latency_summary(waits),
+        "jain_fairness": jain_index(counts),
+        "holder_changes": round(changes / (len(order) - 1), 4) if len(order) > 1 else None,
+        "counter_final": final,
+        "lost_updates": total - final,
+        "duplicate_tokens": len(tokens) - len(set(tokens)) if tokens else None,
+        "errors": [e for o in outs for e in o.errors],
+        "redis_cpu_cores": round(redis_cpu / wall, 3),
+        "contenders_cpu_cores": round(contenders_cpu / wall, 3),
+        "redis_cpu_us_per_cs": round(redis_cpu / total * 1e6, 1) if total else None,
+        "contenders_cpu_us_per_cs": round(contenders_cpu / total * 1e6, 1) if total else None,
+        "other_cpu_cores": round(max(0.0, busy - redis_cpu - contenders_cpu) / wall, 3),
+    }
+
+
+def contention_rows(
+    libs: list[str],
+    make: Callable[[str], ContentionSpec],
+    args: argparse.Namespace,
+    pids: list[int],
+) -> list[Json]:
+    """One contention run per library (a "not available" row for lockd without the scheme)."""
+    rows = []
+    for lib in libs:
+        spec = make(lib)
+        if lib.startswith("lockd"):
+            why = lockd_unavailable(spec.target.lockd_url)
+            if why is not None:
+                print(f"  {LABELS[lib]:28} {NOT_AVAILABLE}: {why}", flush=True)
+                rows.append(
+                    {"library": lib, "label": LABELS[lib], "status": NOT_AVAILABLE, "reason": why}
+                )
+                continue
+        quiet = wait_for_quiet(args.quiet_threshold, args.quiet_wait)
+        row = run_contention(spec, args.contenders, pids)
+        row["quiet_wait"] = quiet
+        rows.append(row)
+        print(
+            f"  {LABELS[lib]:28} {row['cs_per_s']:>8,.1f} CS/s  wait p50 {row['wait']['p50_ms']} "
+            f"p99 {row['wait']['p99_ms']} ms  Jain {row['jain_fairness']}  "
+            f"lost {row['lost_updates']}  counts {row['per_process_counts']}"
+            + (f"  errors {row['errors'][:2]}" if row["errors"] else ""),
+            flush=True,
+        )
+    return rows
+
+
+def contended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
+    """Every library contending on one lock on the same Redis; the counter is there too."""
+    run = uuid.uuid4().hex[:6]
+    target = Target(server.url, (server.url,))
+
+    def make(lib: str) -> ContentionSpec:
+        return ContentionSpec(
+            lib,
+            target,
+            server.url,
+            f"bench:counter-{run}-{lib}",
+            f"hot-{run}-{lib}",
+            args.contention_duration,
+            args.ttl,
+            args.wait,
+        )
+
+    libs = [lib for lib in CONTENDED_LIBS if lib in args.libs]
+    rows = contention_rows(libs, make, args, [server.process.pid])
+    return {"redis": server.url, "counter": "on the lock's Redis", "rows": rows}
+
+
+def redlock_section(args: argparse.Namespace) -> Json:
+    """lockd's redlock:// against pottery's Redlock on 3 nodes; the counter on a 4th."""
+    with redis_servers(4) as servers:
+        nodes, counter = servers[:3], servers[3]
+        lockd_url = "redlock://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+        target = Target(lockd_url, tuple(n.url for n in nodes))
+        run = uuid.uuid4().hex[:6]
+        print(f"redlock nodes {lockd_url}, counter {counter.url}", flush=True)
+
+        def make(lib: str) -> ContentionSpec:
+            return ContentionSpec(
+                lib,
+                target,
+                counter.url,
+                f"bench:counter-{run}-{lib}",
+                f"hot-{run}-{lib}",
+                args.contention_duration,
+                args.ttl,
+                args.wait,
+            )
+
+        libs = [lib for lib in REDLOCK_LIBS if lib.removesuffix("-redlock") in args.libs]
+        pids = [n.process.pid for n in servers]
+        rows = contention_rows(libs, make, args, pids)
+        return {
+            "nodes": [n.url for n in nodes],
+            "lockd_url": lockd_url,
+            "counter": f"a 4th redis-server ({counter.url})",
+            "rows": rows,
+        }
+
+
+# --- machine info and reports ---------------------------------------------------------------
+
+
+def machine_info() -> Json:
+    """Cores, CPU model, Python, library versions, commit and load."""
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions(),
+        "git_commit": git("rev-parse", "--short", "HEAD") or None,
+        "src_uncommitted_changes": bool(git("status", "--porcelain", "--", "src")),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _fmt(value: object, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def goals(report: Json) -> list[str]:
+    """The issue's goals, each with the figures it was judged on."""
+    lines = []
+    unc = {r["library"]: r for r in report.get("uncontended", {}).get("rows", [])}
+    if "lockd" in unc and "redis-py" in unc:
+        peer = unc["redis-py"]["pairs_per_s"]
+        for lib in ("lockd", "lockd-try"):
+            if lib in unc:
+                mine = unc[lib]["pairs_per_s"]
+                verdict = "met" if mine >= peer else "missed"
+                lines.append(
+                    f"- Uncontended, {LABELS[lib]} >= redis-py Lock: {_fmt(mine)} vs "
+                    f"{_fmt(peer)} pairs/s ({mine / peer:.2f}x): **{verdict}**"
+                )
+    for key, title in (("contended", "Contended (one Redis)"), ("redlock", "Contended RedLock")):
+        rows = [r for r in report.get(key, {}).get("rows", []) if "cs_per_s" in r]
+        mine_rows = [r for r in rows if r["library"].startswith("lockd")]
+        peers = [r for r in rows if not r["library"].startswith("lockd")]
+        if not mine_rows:
+            lines.append(f"- {title}: lockd {NOT_AVAILABLE}")
+            continue
+        mine = mine_rows[0]
+        if peers:
+            best = max(peers, key=lambda r: r["cs_per_s"] or 0)
+            verdict = "met" if (mine["cs_per_s"] or 0) >= (best["cs_per_s"] or 0) else "missed"
+            lines.append(
+                f"- {title}, CS/s >= fastest peer ({best['label']}): "
+                f"{_fmt(mine['cs_per_s'])} vs {_fmt(best['cs_per_s'])}: **{verdict}**"
+            )
+            fair = [r for r in peers if (r["jain_fairness"] or 0) >= 0.98]
+            if fair and best not in fair:
+                top = max(fair, key=lambda r: r["cs_per_s"] or 0)
+                share = (mine["cs_per_s"] or 0) / (top["cs_per_s"] or 1)
+                lines.append(
+                    f"  (fastest peer with Jain >= 0.98: {top['label']}, "
+                    f"{_fmt(top['cs_per_s'])} CS/s; lockd {share:.2f}x)"
+                )
+        jain = mine["jain_fairness"] or 0.0
+        p99 = mine["wait"]["p99_ms"] or 0.0
+        lines.append(
+            f"- {title}, lockd Jain >= 0.98: {jain:.4f}: "
+            f"**{'met' if jain >= 0.98 else 'missed'}**; p99 wait < 30 ms: "
+            f"{p99:.2f} ms: **{'met' if p99 < 30 else 'missed'}**"
+        )
+    lost = [
+        (r["label"], r["lost_updates"])
+        for key in ("contended", "redlock")
+        for r in report.get(key, {}).get("rows", [])
+        if "lost_updates" in r
+    ]
+    if lost:
+        bad = [f"{label} {n}" for label, n in lost if n]
+        lines.append(
+            "- Zero lost updates everywhere: "
+            + ("**met**" if not bad else f"**missed** ({', '.join(bad)})")
+        )
+    return lines
+
+
+def contention_table(section: Json, processes: int) -> list[str]:
+    """Markdown rows of one contention section."""
+    lines = [
+        f"Counter: {section['counter']}. {processes} processes, sync APIs.",
+        "",
+        "| library | CS/s | wait p50 ms | wait p99 ms | wait max ms | Jain | holder changes "
+        "| lost updates | Redis µs/CS | clients µs/CS | other CPU | per-process counts | errors |",
+        "| --- " + "| ---: " * 10 + "| --- | ---: |",
+    ]
+    for r in section["rows"]:
+        if "cs_per_s" not in r:
+            lines.append(f"| {r['label']} | {r['status']} |" + " |" * 11)
+            continue
+        changes = r["holder_changes"]
+        lines.append(
+            f"| {r['label']} | {_fmt(r['cs_per_s'])} | {_fmt(r['wait']['p50_ms'], 2)} "
+            f"| {_fmt(r['wait']['p99_ms'], 2)} | {_fmt(r['wait']['max_ms'], 1)} "
+            f"| {_fmt(r['jain_fairness'], 4)} | {'-' if changes is None else f'{changes:.0%}'} "
+            f"| {r['lost_updates']} | {_fmt(r['redis_cpu_us_per_cs'])} "
+            f"| {_fmt(r['contenders_cpu_us_per_cs'])} | {_fmt(r['other_cpu_cores'], 2)} "
+            f"| {', '.join(str(x) for x in r['per_process_counts'])} | {len(r['errors'])} |"
+        )
+    return lines
+
+
+def markdown_report(report: Json) -> str:
+    """A short human-readable summary of the JSON report."""
+    m, cfg = report["machine"], report["config"]
+    dirty = " (+ uncommitted src/ changes)" if m["src_uncommitted_changes"] else ""
+    pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    lines = [
+        "# lockd on Redis against redis-py Lock, python-redis-lock and pottery",
+        "",
+        f"{report['date']} · {m['nproc']} cores ({m['cpu_model']}) · Python {m['python']} · "
+        f"commit {m['git_commit']}{dirty} · load average at start "
+        f"{', '.join(str(x) for x in m['loadavg_at_start'])}",
+        "",
+        f"Versions: {pkgs}.",
+        "",
+        "## Goals",
+        "",
+        *goals(report),
+    ]
+    if "uncontended" in report:
+        lines += [
+            "",
+            f"## Uncontended (one thread, sync API, {cfg['warmup_s']} s warm-up + "
+            f"{cfg['duration_s']} s measured, x {cfg['rounds']} rounds)",
+            "",
+            "| library | pairs/s | ratio to floor | p50 ms | p99 ms | client µs/pair "
+            "| Redis µs/pair | pairs/s per round | other CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for r in report["uncontended"]["rows"]:
+            other = sum(x["other_cpu_cores"] for x in r["rounds"]) / len(r["rounds"])
+            lines.append(
+                f"| {r['label']} | {_fmt(r['pairs_per_s'])} | {r['ratio_to_floor']:.3f} "
+                f"| {_fmt(r['latency']['p50_ms'], 3)} | {_fmt(r['latency']['p99_ms'], 3)} "
+                f"| {_fmt(r['client_cpu_us_per_pair'])} | {_fmt(r['redis_cpu_us_per_pair'])} "
+                f"| {', '.join(_fmt(x['pairs_per_s'], 0) for x in r['rounds'])} "
+                f"| {other:.2f} |"
+            )
+    if "contended" in report:
+        lines += [
+            "",
+            f"## Contended, one Redis ({cfg['contention_duration_s']} s)",
+            "",
+            *contention_table(report["contended"], cfg["contenders"]),
+        ]
+    if "redlock" in report:
+        lines += [
+            "",
+            f"## Contended RedLock, 3 nodes ({cfg['contention_duration_s']} s)",
+            "",
+            *contention_table(report["redlock"], cfg["contenders"]),
+        ]
+    lines += [
+        "",
+        "µs columns: CPU time per pair or critical section (client: this process, all its "
+        "threads; clients: the contending processes). 'other CPU': cores used meanwhile by "
+        "every other process on the machine (noise). 'holder changes': how often the next "
+        "critical section went to another process (100%: strict turns; about 88%: a random "
+        "pick of 8; low: the releaser takes the lock again). Redis µs: every redis-server of "
+        "the section (RedLock: the 3 nodes and the counter's). "
+        f"ttl {cfg['ttl_s']} s, acquire wait up to {cfg['wait_s']} s; redis-py Lock polls "
+        "with its default sleep (0.1 s), pottery retries after a random 0-0.2 s, "
+        "python-redis-lock BLPOPs on a signal list.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(report: Json, results_dir: Path) -> tuple[Path, Path]:
+    """Write the JSON and markdown reports (each through a temp file, then renamed)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = (results_dir / "redis_bench.json", results_dir / "redis_bench.md")
+    texts = (json.dumps(report, indent=2) + "\n", markdown_report(report))
+    for path, text in zip(paths, texts, strict=True):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--section",
+        action="append",
+        choices=SECTIONS,
+        help="section to run; repeatable; default all",
+    )
+    parser.add_argument(
+        "--lib",
+        action="append",
+        dest="libs",
+        choices=sorted(set(UNCONTENDED_LIBS) - {"floor"}),
+        help="library to measure; repeatable; default all (the floor always "
+        "runs; lockd also selects lockd redlock://)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short durations, one round, short quiet waits"
+    )
+    parser.add_argument("--warmup", type=float, help="uncontended warm-up seconds (1)")
+    parser.add_argument("--duration", type=float, help="uncontended seconds measured (3)")
+    parser.add_argument("--rounds", type=int, help="uncontended rounds per library (3)")
+    parser.add_argument("--contenders", type=int, default=8, help="contending processes")
+    parser.add_argument("--contention-duration", type=float, help="seconds contended (5)")
+    parser.add_argument("--ttl", type=float, default=10.0, help="lock ttl seconds")
+    parser.add_argument("--wait", type=float, default=30.0, help="seconds an acquire may wait")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="before each phase, wait up to this many seconds for a quiet machine (4)",
+    )
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.25,
+        help="cores other processes may use for the machine to count as quiet",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="output directory")
+    args = parser.parse_args(argv)
+    quick = {
+        "warmup": 0.3,
+        "duration": 1.0,
+        "rounds": 1,
+        "contention_duration": 2.0,
+        "quiet_wait": 0.5,
+    }
+    full = {
+        "warmup": 1.0,
+        "duration": 3.0,
+        "rounds": 3,
+        "contention_duration": 5.0,
+        "quiet_wait": 4.0,
+    }
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.section = args.section or list(SECTIONS)
+    args.libs = args.libs or list(UNCONTENDED_LIBS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    report: Json = {
+        "benchmark": "lockd on Redis vs redis-py Lock, python-redis-lock, pottery",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {
+            "sections": args.section,
+            "libraries": args.libs,
+            "quick": args.quick,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "contenders": args.contenders,
+            "contention_duration_s": args.contention_duration,
+            "ttl_s": args.ttl,
+            "wait_s": args.wait,
+            "quiet_wait_s": args.quiet_wait,
+            "quiet_threshold_cores": args.quiet_threshold,
+        },
+    }
+    if "uncontended" in args.section or "contended" in args.section:
+        with redis_servers(1) as (server,):
+            print(f"redis-server {server.url} (pid {server.process.pid})", flush=True)
+            if "uncontended" in args.section:
+                print("uncontended acquire+release pairs", flush=True)
+                report["uncontended"] = uncontended_section(server, args)
+            if "contended" in args.section:
+                print(f"contended: {args.contenders} processes on one lock", flush=True)
+                report["contended"] = contended_section(server, args)
+    if "redlock" in args.section:
+        print(f"contended RedLock: {args.contenders} processes on one lock", flush=True)
+        report["redlock"] = redlock_section(args)
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["total_seconds"] = round(time.monotonic() - began, 1)
+    json_path, md_path = write_reports(report, args.results)
+    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    print(f"wrote {shown} and {md_path.name} in {report['total_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
