@@ -5,6 +5,7 @@ A backend joins the conformance suite by adding one entry to ``STORES``.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import lockd
-from tests.redisproc import running_redis
+from tests.redisproc import RedisProcess, running_redis, start_redis
 from tests.serverproc import running_server
 
 StoreFactory = Callable[[Path], AbstractContextManager[str]]
@@ -34,11 +35,35 @@ def _redis(tmp: Path) -> Iterator[str]:
         yield server.url
 
 
+@contextmanager
+def running_redis_nodes(count: int) -> Iterator[list[RedisProcess]]:
+    """``count`` independent redis-servers (RedLock nodes), all stopped and removed after."""
+    servers: list[RedisProcess] = []
+    try:
+        for _ in range(count):
+            servers.append(start_redis())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@contextmanager
+def _redlock(tmp: Path, nodes: int) -> Iterator[str]:
+    """``nodes`` real, independent ``redis-server`` processes behind one RedLock URL."""
+    del tmp
+    with running_redis_nodes(nodes) as servers:
+        yield "redlock://" + ",".join(f"127.0.0.1:{s.port}" for s in servers) + "/0"
+
+
 STORES: dict[str, StoreFactory] = {
     "memory": lambda tmp: nullcontext(f"memory://test-{uuid.uuid4().hex}"),
     "file": lambda tmp: nullcontext(f"file://{tmp / 'store'}"),
     "http": _served,
     "redis": _redis,
+    "redlock3": lambda tmp: _redlock(tmp, 3),
+    "redlock5": lambda tmp: _redlock(tmp, 5),
 }
 
 

@@ -31,6 +31,13 @@ DOCUMENTED = {
         durable=False,
         shared_across_processes=True,
     ),
+    "redlock": Capabilities(
+        safety=SafetyLevel.TIMING_DEPENDENT,
+        fencing=True,
+        fair=True,
+        durable=False,
+        shared_across_processes=True,
+    ),
 }
 
 

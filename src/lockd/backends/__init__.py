@@ -19,7 +19,7 @@ REDIS_OPTIONS = {
     "ssl_password", "client_name",
 }  # fmt: skip
 
-SCHEMES = ("memory", "file", "http", "https", "redis", "rediss")
+SCHEMES = ("memory", "file", "http", "https", "redis", "rediss", "redlock")
 
 
 def _split(url: str) -> tuple[str, str, dict[str, str]]:
@@ -41,7 +41,7 @@ def store_key(url: str) -> str:
     scheme, location, options = _split(url)
     if scheme in ("http", "https"):
         return url.rstrip("/")
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redlock"):
         return url
     if scheme == "file":
         from pathlib import Path
@@ -57,7 +57,8 @@ def connect(url: str) -> Backend:
     """Open a new backend for ``url``; call it from the event loop that will use it.
 
     ``memory://[name]``, ``file://PATH[?sync=full|normal]``, ``http(s)://host:port``,
-    ``redis(s)://[[user]:password@]host:port[/db][?redis-py options]``.
+    ``redis(s)://[[user]:password@]host:port[/db][?redis-py options]``,
+    ``redlock://[[user]:password@]host1:port,host2:port,host3:port[/db][?options]``.
     Call ``await backend.open()`` before use.
     """
     scheme, location, options = _split(url)
@@ -68,6 +69,11 @@ def connect(url: str) -> Backend:
         if not urlsplit(url).hostname:
             raise InvalidRequest(f"a Redis URL is redis://host:port[/db], not {url!r}")
         return RedisBackend(url)
+    if scheme == "redlock":
+        from lockd.backends.redlock import RedlockBackend, parse_nodes
+
+        _no_options(url, options, REDIS_OPTIONS)
+        return RedlockBackend(*parse_nodes(url))
     if scheme in ("http", "https"):
         from lockd.backends.http import HttpBackend
 

@@ -39,7 +39,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -196,20 +196,11 @@ class RedisBackend(Backend):
     ) -> Grant:
         rid = request_id or uuid.uuid4().hex
         attempt = uuid.uuid4().hex
-        work = asyncio.ensure_future(
-            self._wait_for_grant(namespace, name, owner, ttl, wait, limit, rid, attempt)
+        return await undo_on_cancel(
+            self._wait_for_grant(namespace, name, owner, ttl, wait, limit, rid, attempt),
+            lambda: self._abandon(namespace, name, owner, rid),
+            self._background,
         )
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # Queued, granted or not yet arrived: abandoning the request id undoes it.
-            work.cancel()
-            undo = asyncio.ensure_future(self._abandon(namespace, name, owner, rid))
-            self._background.add(undo)
-            undo.add_done_callback(self._background.discard)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(undo)
-            raise
 
     async def _wait_for_grant(
         self,
@@ -429,6 +420,31 @@ class RedisBackend(Backend):
                     event = self._wake.get(attempt)
                     if event is not None:
                         event.set()
+
+
+async def undo_on_cancel(
+    work: Coroutine[Any, Any, Grant],
+    undo: Callable[[], Awaitable[Any] | None],
+    background: set[asyncio.Future[Any]],
+) -> Grant:
+    """Await an acquire; if the caller is cancelled, run ``undo`` (an abandon) before
+    passing the cancellation on: the request may be queued, granted or still on its way,
+    and abandoning its request id undoes whichever it reached."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task  # the acquire has stopped sending before the undo goes out
+        undoing = undo()
+        if undoing is not None:
+            future = asyncio.ensure_future(undoing)
+            background.add(future)
+            future.add_done_callback(background.discard)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(future)
+        raise
 
 
 def _keys(namespace: str, name: str) -> tuple[list[str], str]:

@@ -1,0 +1,705 @@
+"""The ``redlock://host1:port,host2:port,...`` backend: RedLock over N independent Redis nodes.
+
+Every node keeps the layout and runs the Lua scripts of the ``redis://`` backend
+(:mod:`lockd.backends.redis_lua`); this module sends them and decides from the replies.
+Nodes are independent Redis servers (not replicas of each other, not one cluster).
+
+Acquiring. The request goes to every node in parallel, each call bounded by a timeout far
+below the ttl (:func:`node_timeout`). It is granted when a quorum of nodes granted it and
+it is still valid: validity = ttl - elapsed - drift, where elapsed is measured on the
+monotonic clock from before the request was sent to each granting node (the node's own
+clock measures its ttl from a moment after that send) and drift = 0.01 x ttl + 2 ms. The
+quorum is a majority (N // 2 + 1) for a lock. For a semaphore of limit k it is
+k·N // (k + 1) + 1, the least number with which k + 1 owners can never each hold a quorum
+(k = 2 on 3 nodes needs all three): semaphores need more nodes up than locks do. A
+grant's ``ttl`` is its validity. A failed attempt is undone on every node (ABANDON, which
+checks the owner and request id) and retried after a random delay while the caller's
+``wait`` lasts. Extending needs a quorum too, with the same validity rule.
+
+Waiting is FIFO on each node: a blocked request queues on every node, wakes by each
+node's pub/sub channel, and checks in with the same bounded re-check as ``redis://``.
+Requests sent at nearly the same moment can reach two nodes in different orders; then the
+nodes may grant different waiters so that nobody holds a quorum. A waiter that holds some
+nodes while no other owner holds a quorum looks again after a short random pause, and if
+the split remains it gives its nodes back and queues again after a random delay.
+
+Tokens. Every node has its own counter; a grant's token is the highest one its granting
+nodes gave. When they disagree, the lower nodes are raised to it (the RAISE script)
+before the grant is reported, so a quorum of nodes has counted to the token. Any later
+grant's quorum shares a node with it and so gets a higher token. This holds as long as
+nodes keep their counters: with ``appendfsync always``. A node that restarts empty can
+let a later token be lower than an earlier one.
+
+Safety: ``timing-dependent``. Mutual exclusion holds only while process pauses, network
+delays and clock rate differences stay within the drift allowance: a holder paused past
+its validity, or a node whose clock jumps forward, can leave two owners each believing
+they hold. Fencing tokens let a protected resource refuse the older one. A crashed node
+must stay down for longer than the longest ttl in use before it rejoins, unless it
+persisted every write (``appendfsync always``): otherwise it comes back without the holds
+it granted and can grant them again.
+
+Availability: grants go on while a quorum of nodes answers; with fewer, acquire and
+extend fail with :class:`~lockd.errors.BackendUnavailable`, and grants resume when the
+nodes return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from lockd.backends import redis as redis_backend
+from lockd.backends.base import Backend
+from lockd.backends.redis import RedisBackend, _holder, _keys, _not_held, undo_on_cancel
+from lockd.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    LockLost,
+)
+from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel, WaiterInfo
+
+__all__ = ["RedlockBackend", "node_timeout", "quorum"]
+
+log = logging.getLogger("lockd")
+
+T = TypeVar("T")
+
+DRIFT_FACTOR = 0.01
+DRIFT_MIN = 0.002
+"""Clock drift allowance: DRIFT_FACTOR x ttl + DRIFT_MIN seconds."""
+RETRY_DELAY = (0.005, 0.05)
+"""Bounds of the random pause, in seconds, before a failed attempt is tried again."""
+SPLIT_RECHECK = (0.002, 0.02)
+"""Bounds of the random pause before a suspected split is looked at again."""
+WAITER_LEASE_MS = round(redis_backend.WAITER_LEASE * 1000)
+MAX_REMEMBERED = 4096
+"""Request ids whose attempts (rounds) this process remembers, for abandon and retries."""
+
+
+def quorum(nodes: int, limit: int) -> int:
+    """Nodes that must grant a hold: a majority for a lock, more for a semaphore."""
+    return nodes * limit // (limit + 1) + 1
+
+
+def node_timeout(ttl: float) -> float:
+    """Seconds one node may take to answer one request: far below the ttl."""
+    return min(1.0, max(0.05, ttl / 5))
+
+
+def _drift(ttl: float) -> float:
+    return DRIFT_FACTOR * ttl + DRIFT_MIN
+
+
+@dataclass
+class _NodeGrant:
+    token: int
+    count: int
+    ends: float
+    """Monotonic time by which the node's hold has surely not ended: send time + ttl left."""
+
+
+@dataclass
+class _Round:
+    """One attempt of an acquire on every node, under its own request id."""
+
+    base: str
+    index: int
+    reused: bool = False
+    """A retry of the same request id: the nodes answer it from what they remember."""
+    undone: bool = False
+    grants: dict[int, _NodeGrant] = field(default_factory=dict)
+    holders: dict[int, list[str]] = field(default_factory=dict)  # nodes that queued us
+    trouble: dict[int, str] = field(default_factory=dict)  # nodes with another status
+    unreachable: set[int] = field(default_factory=set)
+    next_expiry: float | None = None
+    denied: str = ""
+    lost_token: int | None = None
+
+    @property
+    def rid(self) -> str:
+        """The request id the nodes see: one per round of a caller's request id."""
+        return f"{self.base}~{self.index}"
+
+
+class RedlockBackend(Backend):
+    """Locks on N independent Redis nodes by majority (``redlock://h1:p1,h2:p2,h3:p3``)."""
+
+    capabilities = Capabilities(
+        safety=SafetyLevel.TIMING_DEPENDENT,
+        fencing=True,
+        fair=True,
+        durable=False,
+        shared_across_processes=True,
+    )
+
+    def __init__(self, url: str, node_urls: list[str]) -> None:
+        self.url = url
+        self._nodes = [RedisBackend(u) for u in node_urls]
+        self._majority = len(self._nodes) // 2 + 1
+        self._rounds: OrderedDict[str, _Round] = OrderedDict()  # request id -> its last round
+        self._abandoned: OrderedDict[str, None] = OrderedDict()
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # --- connection -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect to every node; a majority must answer."""
+        replies = await self._fan(lambda i: self._nodes[i].open(), 5.0)
+        self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "open")
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable unless a majority of nodes answers."""
+        replies = await self._fan(lambda i: self._nodes[i].ping(), node_timeout(1.0))
+        self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "ping")
+
+    async def aclose(self) -> None:
+        """Finish background undo work and close every node."""
+        for task in list(self._background):
+            with contextlib.suppress(BaseException):
+                await task
+        await asyncio.gather(*(n.aclose() for n in self._nodes), return_exceptions=True)
+
+    def _check_reached(self, reached: int, what: str, needed: int | None = None) -> None:
+        needed = self._majority if needed is None else needed
+        if reached < needed:
+            raise BackendUnavailable(
+                f"{self.url}: {what} reached {reached} of {len(self._nodes)} nodes; "
+                f"{needed} are needed"
+            )
+
+    async def _fan(
+        self,
+        call: Callable[[int], Awaitable[T]],
+        within: float,
+        nodes: Iterable[int] | None = None,
+    ) -> dict[int, T | _Down]:
+        """Run ``call(i)`` for each node index in parallel, each bounded by ``within`` s."""
+
+        async def one(i: int) -> T | _Down:
+            try:
+                async with asyncio.timeout(within):
+                    return await call(i)
+            except (BackendUnavailable, TimeoutError) as exc:
+                log.debug("%s: %s", self._nodes[i].url, exc or "timed out")
+                return _DOWN
+
+        chosen = list(range(len(self._nodes))) if nodes is None else list(nodes)
+        replies = await asyncio.gather(*(one(i) for i in chosen))
+        return dict(zip(chosen, replies, strict=True))
+
+    async def _fan_run(
+        self, script: str, namespace: str, name: str, *args: str | int, within: float = 1.0
+    ) -> dict[int, list[Any] | _Down]:
+        return await self._fan(
+            lambda i: self._nodes[i]._run(script, namespace, name, *args), within
+        )
+
+    def _later(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- acquire ----------------------------------------------------------------------
+
+    async def _acquire(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        request_id: str | None,
+    ) -> Grant:
+        base = request_id or uuid.uuid4().hex
+        if base in self._abandoned:
+            raise AcquireTimeout(f"{name!r} was not granted: this request was abandoned",
+                                 name=name, owner=owner)  # fmt: skip
+        current: list[_Round] = []
+        work = self._rounds_until_granted(namespace, name, owner, ttl, wait, limit, base, current)
+        return await undo_on_cancel(
+            work,
+            lambda: self._give_up(namespace, name, owner, current[-1], ttl) if current else None,
+            self._background,
+        )
+
+    async def _rounds_until_granted(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        base: str,
+        current: list[_Round],
+    ) -> Grant:
+        started = time.monotonic()
+        end = None if wait is None else started + wait
+        _, channel = _keys(namespace, name)
+        attempt = uuid.uuid4().hex
+        woken = asyncio.Event()
+        timeout = node_timeout(ttl)
+        for node in self._nodes:
+            node._wake[attempt] = woken
+        try:
+            if wait != 0:  # subscribe first, then ask: no wake-up is missed
+                await self._fan(lambda i: self._nodes[i]._subscribe(channel, timeout), timeout)
+            while True:
+                current.append(self._next_round(base))
+                grant = await self._round(
+                    namespace, name, owner, ttl, wait, limit, attempt, current[-1], end, woken
+                )
+                if grant is not None:
+                    return Grant(name=name, owner=owner, token=grant.token, count=grant.count,
+                                 ttl=grant.ttl, waited=time.monotonic() - started)  # fmt: skip
+                pause = random.uniform(*RETRY_DELAY)
+                if end is not None and time.monotonic() + pause >= end:
+                    raise AcquireTimeout(f"{name!r} was not granted in time", name=name,
+                                         owner=owner)  # fmt: skip
+                await asyncio.sleep(pause)
+        finally:
+            for node in self._nodes:
+                node._wake.pop(attempt, None)
+                if wait != 0:
+                    node._unsubscribe(channel)
+
+    async def _round(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        attempt: str,
+        rnd: _Round,
+        end: float | None,
+        woken: asyncio.Event,
+    ) -> Grant | None:
+        """One attempt: a Grant, or None (undone on every node) to try again."""
+        need = quorum(len(self._nodes), limit)
+        args = (namespace, name, owner, rnd.rid, attempt, max(1, round(ttl * 1000)), limit)
+
+        async def give_up() -> None:
+            await self._give_up(namespace, name, owner, rnd, ttl)
+
+        async def step(nodes: Iterable[int], mode: str) -> None:
+            sent = time.monotonic()
+            replies = await self._fan(
+                lambda i: self._nodes[i]._run("ACQUIRE", *args, mode, WAITER_LEASE_MS),
+                node_timeout(ttl),
+                nodes,
+            )
+            rnd.next_expiry = None
+            for i, reply in replies.items():
+                self._note(rnd, i, reply, sent)
+
+        await step(range(len(self._nodes)), "try" if wait == 0 else "new")
+        looked_again = False
+        while True:
+            if len(rnd.grants) >= need:
+                grant = await self._confirm(namespace, name, owner, ttl, need, rnd)
+                if grant is None:
+                    await give_up()
+                return grant
+            if rnd.trouble or wait == 0 or len(self._nodes) - len(rnd.unreachable) < need:
+                if "replaced" not in rnd.trouble.values():  # else the retry owns the request
+                    await give_up()
+                self._raise_for(rnd, name, owner, limit, need)
+                return None  # our grant on a node ended or was replaced: start over
+            if self._split(rnd, owner, need, limit):
+                if looked_again:
+                    await give_up()
+                    return None
+                looked_again = True
+                await asyncio.sleep(random.uniform(*SPLIT_RECHECK))
+                await step(self._pending(rnd), "wait")
+                continue
+            looked_again = False
+            await self._pause(rnd, ttl, end, woken)
+            if end is not None and time.monotonic() >= end:
+                await step(self._pending(rnd), "leave")  # a grant made meanwhile still counts
+                if len(rnd.grants) >= need:
+                    continue
+                await give_up()
+                raise AcquireTimeout(
+                    f"{name!r} was not granted in time; held by {self._holders_text(rnd)}",
+                    name=name,
+                    owner=owner,
+                )
+            await self._keep_partial(namespace, name, owner, ttl, rnd)
+            await step(self._pending(rnd), "wait")
+
+    @staticmethod
+    async def _pause(rnd: _Round, ttl: float, end: float | None, woken: asyncio.Event) -> None:
+        """Wait for a wake-up, the bounded re-check, the earliest holder expiry, the end of
+        the wait, or the moment the nodes we already hold need extending."""
+        now = time.monotonic()
+        pause = redis_backend.CHECK_IN
+        if rnd.next_expiry is not None:
+            pause = min(pause, rnd.next_expiry - now + 0.002)
+        if rnd.grants:
+            pause = min(pause, min(g.ends for g in rnd.grants.values()) - ttl / 2 - now)
+        if end is not None:
+            pause = min(pause, end - now)
+        if pause > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await woken.wait()
+        woken.clear()
+
+    def _note(self, rnd: _Round, i: int, reply: list[Any] | _Down, sent: float) -> None:
+        """Record one node's reply to an acquire step."""
+        rnd.unreachable.discard(i)
+        rnd.holders.pop(i, None)
+        if reply is _DOWN:
+            rnd.unreachable.add(i)
+            return
+        assert isinstance(reply, list)
+        status = reply[0]
+        if status == "granted":
+            rnd.grants[i] = _NodeGrant(int(reply[1]), int(reply[2]), sent + int(reply[3]) / 1000)
+        elif status == "queued":
+            rnd.holders[i] = [str(o) for o in reply[2]]
+            if int(reply[1]) >= 0:
+                expiry = time.monotonic() + int(reply[1]) / 1000
+                rnd.next_expiry = min(expiry, rnd.next_expiry or expiry)
+        elif status == "denied":
+            rnd.denied = str(reply[1])
+        elif status != "gone":
+            rnd.trouble[i] = status if status != "invalid" else f"invalid {reply[1]}"
+            if status == "lost":
+                rnd.lost_token = max(int(reply[1]), rnd.lost_token or 0)
+
+    def _pending(self, rnd: _Round) -> list[int]:
+        return [i for i in range(len(self._nodes)) if i not in rnd.grants]
+
+    @staticmethod
+    def _split(rnd: _Round, owner: str, need: int, limit: int) -> bool:
+        """True when we hold some nodes but fewer than ``limit`` other owners hold a quorum:
+        the nodes may have granted different waiters, so that nobody can finish."""
+        if not rnd.grants:
+            return False
+        counts: dict[str, int] = {}
+        for holders in rnd.holders.values():
+            for other in holders:
+                if other != owner:
+                    counts[other] = counts.get(other, 0) + 1
+        return sum(1 for c in counts.values() if c >= need) < limit
+
+    def _holders_text(self, rnd: _Round) -> str:
+        owners = sorted({o for holders in rnd.holders.values() for o in holders})
+        return ", ".join(owners) or "nobody"
+
+    def _raise_for(self, rnd: _Round, name: str, owner: str, limit: int, need: int) -> None:
+        """Raise why a round cannot go on, if it is final; return to try again."""
+        for status in rnd.trouble.values():
+            if status.startswith("invalid"):
+                have = status.split()[1]
+                raise InvalidRequest(
+                    f"{name!r} is held with limit {have}; this request asks for limit {limit}",
+                    name=name,
+                    owner=owner,
+                )
+            if status in ("abandoned", "replaced"):
+                why = "abandoned by its caller" if status == "abandoned" else "replaced by a retry"
+                raise AcquireTimeout(f"{name!r} was not granted: this request was {why}",
+                                     name=name, owner=owner)  # fmt: skip
+            if status == "lost" and rnd.reused:
+                raise LockLost("this request was granted before, and that hold has ended",
+                               name=name, owner=owner, token=rnd.lost_token)  # fmt: skip
+        self._check_reached(len(self._nodes) - len(rnd.unreachable), "acquire", need)
+        if not rnd.trouble:  # a try (wait=0) that did not get a quorum
+            raise AcquireTimeout(f"{name!r} is held by {rnd.denied or self._holders_text(rnd)}",
+                                 name=name, owner=owner)  # fmt: skip
+
+    async def _keep_partial(
+        self, namespace: str, name: str, owner: str, ttl: float, rnd: _Round
+    ) -> None:
+        """Extend the nodes already granted to a waiter whose ttl is half gone."""
+        now = time.monotonic()
+        due = [i for i, g in rnd.grants.items() if g.ends - now < ttl / 2]
+        if not due:
+            return
+        ttl_ms = max(1, round(ttl * 1000))
+        sent = time.monotonic()
+        replies = await self._fan(
+            lambda i: self._nodes[i]._run(
+                "EXTEND", namespace, name, owner, rnd.grants[i].token, ttl_ms
+            ),
+            node_timeout(ttl),
+            due,
+        )
+        for i, reply in replies.items():
+            if isinstance(reply, list) and reply[0] == "granted":
+                rnd.grants[i].ends = sent + int(reply[3]) / 1000
+            elif isinstance(reply, list):
+                del rnd.grants[i]
+                rnd.trouble[i] = str(reply[0])
+
+    async def _confirm(
+        self, namespace: str, name: str, owner: str, ttl: float, need: int, rnd: _Round
+    ) -> Grant | None:
+        """Agree on one token across the granting nodes and check validity (or None)."""
+        reentered = {i: g for i, g in rnd.grants.items() if g.count > 1}
+        if reentered:  # the owner held already: its token stands
+            token = max(g.token for g in reentered.values())
+        else:
+            token = max(g.token for g in rnd.grants.values())
+            lower = [i for i, g in rnd.grants.items() if g.token < token]
+            if lower:
+                replies = await self._fan(
+                    lambda i: self._nodes[i]._run(
+                        "RAISE", namespace, name, owner, rnd.grants[i].token, token, rnd.rid
+                    ),
+                    node_timeout(ttl),
+                    lower,
+                )
+                for i, reply in replies.items():
+                    if isinstance(reply, list) and reply[0] == "ok":
+                        rnd.grants[i].token = token
+        agreed = sorted((g.ends for g in rnd.grants.values() if g.token == token), reverse=True)
+        if len(agreed) < need:
+            return None
+        validity = agreed[need - 1] - _drift(ttl) - time.monotonic()
+        if validity <= 0:
+            return None
+        others = [i for i in range(len(self._nodes)) if rnd.grants.get(i, None) is None
+                  or rnd.grants[i].token != token]  # fmt: skip
+        if others:  # leave their queues, give back odd grants
+            self._later(self._undo(namespace, name, owner, rnd.rid, ttl, others))
+        count = max(g.count for g in rnd.grants.values() if g.token == token)
+        return Grant(name=name, owner=owner, token=token, count=count, ttl=validity)
+
+    def _next_round(self, base: str) -> _Round:
+        """The round to send for request id ``base``: a retry repeats the last round unless
+        that one was given up."""
+        last = self._rounds.get(base)
+        if last is None:
+            rnd = _Round(base, 0)
+        elif last.undone:
+            rnd = _Round(base, last.index + 1)
+        else:
+            rnd = _Round(base, last.index, reused=True)
+        self._remember(self._rounds, base, rnd)
+        return rnd
+
+    async def _give_up(
+        self, namespace: str, name: str, owner: str, rnd: _Round, ttl: float
+    ) -> None:
+        """Undo a whole round on every node; the next try gets a new round."""
+        rnd.undone = True
+        await self._undo(namespace, name, owner, rnd.rid, ttl)
+
+    async def _undo(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        rid: str,
+        ttl: float,
+        nodes: Iterable[int] | None = None,
+    ) -> None:
+        """Undo request ``rid`` on the nodes: leave the queue, give back a grant."""
+        await self._fan(
+            lambda i: self._nodes[i]._run("ABANDON", namespace, name, owner, rid),
+            node_timeout(ttl),
+            nodes,
+        )
+
+    @staticmethod
+    def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > MAX_REMEMBERED:
+            table.popitem(last=False)
+
+    # --- the rest of the contract -----------------------------------------------------
+
+    async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
+        self._remember(self._abandoned, request_id, None)
+        last = self._rounds.get(request_id)
+        rounds = 0 if last is None else last.index + 1
+        rids = [f"{request_id}~{n}" for n in range(rounds + 1)]
+
+        async def undo_all(i: int) -> None:
+            for rid in rids:
+                await self._nodes[i]._run("ABANDON", namespace, name, owner, rid)
+
+        replies = await self._fan(undo_all, 1.0)
+        self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "abandon")
+
+    async def _release(
+        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+    ) -> int:
+        replies = await self._fan_run(
+            "RELEASE", namespace, name, owner, token or 0, request_id or ""
+        )
+        left = [int(r[1]) for r in replies.values() if isinstance(r, list) and r[0] == "ok"]
+        if len(left) >= self._majority:
+            return max(left)
+        self._refuse(replies, len(left), self._majority, "release", name, owner, token)
+        raise AssertionError("unreachable")
+
+    async def _extend(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+    ) -> Grant:
+        ttl_ms = max(1, round(ttl * 1000))
+        sent = time.monotonic()
+        replies = await self._fan_run(
+            "EXTEND", namespace, name, owner, token or 0, ttl_ms, within=node_timeout(ttl)
+        )
+        granted = [r for r in replies.values() if isinstance(r, list) and r[0] == "granted"]
+        limit = max((int(r[5]) for r in granted), default=1)
+        need = quorum(len(self._nodes), limit)
+        if len(granted) >= need:
+            ends = sorted((sent + int(r[3]) / 1000 for r in granted), reverse=True)
+            validity = ends[need - 1] - _drift(ttl) - time.monotonic()
+            if validity <= 0:
+                raise BackendUnavailable(f"{self.url}: extending {name!r} took too long")
+            return Grant(name=name, owner=owner, token=max(int(r[1]) for r in granted),
+                         count=max(int(r[2]) for r in granted), ttl=validity)  # fmt: skip
+        self._refuse(replies, len(granted), need, "extend", name, owner, token)
+        raise AssertionError("unreachable")
+
+    def _refuse(
+        self,
+        replies: dict[int, list[Any] | _Down],
+        done: int,
+        need: int,
+        what: str,
+        name: str,
+        owner: str,
+        token: int | None,
+    ) -> None:
+        """Raise why a release or extend reached fewer than ``need`` nodes."""
+        down = sum(1 for r in replies.values() if r is _DOWN)
+        if done + down >= need:  # the nodes that did not answer may still hold it
+            raise BackendUnavailable(
+                f"{self.url}: {what} of {name!r} reached {len(replies) - down} of "
+                f"{len(replies)} nodes; {need} are needed"
+            )
+        statuses = {r[0] for r in replies.values() if isinstance(r, list)}
+        for status in ("revoked", "lost", "not_held"):
+            if status in statuses:
+                raise _not_held(status, name, owner, token)
+        raise LockLost(f"the hold of {name!r} is on too few nodes", name=name, owner=owner,
+                       token=token)  # fmt: skip
+
+    async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
+        replies = await self._fan_run("INSPECT", namespace, name)
+        return self._merge_inspect(namespace, name, replies)
+
+    def _merge_inspect(
+        self, namespace: str, name: str, replies: dict[int, list[Any] | _Down]
+    ) -> ResourceInfo:
+        """One view from the nodes': holders and waiters a quorum of nodes agrees on."""
+        answered = [r for r in replies.values() if isinstance(r, list)]
+        self._check_reached(len(answered), "inspect")
+        missing = len(self._nodes) - len(answered)
+        limit = max(int(r[1]) for r in answered)
+        rows: dict[str, list[HolderInfo]] = {}
+        for reply in answered:
+            for row in reply[3]:
+                holder = _holder(row)
+                rows.setdefault(holder.owner, []).append(holder)
+        need = max(1, quorum(len(self._nodes), limit) - missing)
+        holders = []
+        for owner, seen in rows.items():
+            if len(seen) < need:
+                continue
+            seen.sort(key=lambda h: h.ttl_left, reverse=True)
+            holders.append(HolderInfo(
+                owner=owner,
+                token=max(h.token for h in seen),
+                count=max(h.count for h in seen),
+                ttl_left=seen[need - 1].ttl_left,
+                held_for=max(h.held_for for h in seen),
+                acquired_at=min(h.acquired_at for h in seen),
+            ))  # fmt: skip
+        queued: dict[str, list[float]] = {}
+        for reply in answered:
+            for waiter_owner, waited in reply[4]:
+                queued.setdefault(str(waiter_owner), []).append(int(waited) / 1_000_000)
+        need_waiter = max(1, self._majority - missing)
+        waiters = sorted(
+            (
+                WaiterInfo(owner=o, waited=max(w))
+                for o, w in queued.items()
+                if len(w) >= need_waiter
+            ),
+            key=lambda w: -w.waited,
+        )
+        return ResourceInfo(
+            name=name,
+            namespace=namespace,
+            limit=limit,
+            last_token=max(int(r[2]) for r in answered),
+            holders=tuple(sorted(holders, key=lambda h: h.token)),
+            waiters=tuple(waiters),
+        )
+
+    async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
+        replies = await self._fan(lambda i: self._nodes[i]._names(namespace, prefix), 5.0)
+        found = [r for r in replies.values() if isinstance(r, set)]
+        self._check_reached(len(found), "list")
+        names = sorted(set().union(*found))
+        infos = [await self._inspect(namespace, name) for name in names]
+        return [info for info in infos if info.holders or info.waiters]
+
+    async def _force_release(
+        self, namespace: str, name: str, owner: str | None
+    ) -> list[HolderInfo]:
+        replies = await self._fan_run("FORCE_RELEASE", namespace, name, owner or "")
+        answered = [r for r in replies.values() if isinstance(r, list)]
+        self._check_reached(len(answered), "force-release")
+        evicted: dict[str, HolderInfo] = {}
+        for reply in answered:
+            for row in reply[1]:
+                holder = _holder(row)
+                known = evicted.get(holder.owner)
+                if known is None or holder.token > known.token:
+                    evicted[holder.owner] = holder
+        return sorted(evicted.values(), key=lambda h: h.token)
+
+
+class _Down:
+    """A node that did not answer in time."""
+
+    def __repr__(self) -> str:
+        return "<no answer>"
+
+
+_DOWN = _Down()
+
+
+def parse_nodes(url: str) -> tuple[str, list[str]]:
+    """Split ``redlock://[user:pass@]h1:p1,h2:p2,...[/db][?opts]`` into its display URL
+    (password hidden) and one ``redis://`` URL per node."""
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    nodes = [h.strip() for h in hosts.split(",")]
+    if len(nodes) < 3 or any(not h or ":" not in h for h in nodes):
+        raise InvalidRequest(
+            f"a RedLock URL names at least 3 nodes as host:port, e.g. "
+            f"redlock://h1:6379,h2:6379,h3:6379, not {redis_backend._redact(url)!r}"
+        )
+    if len(set(nodes)) != len(nodes):
+        raise InvalidRequest("a RedLock URL names each node once")
+    auth = f"{credentials}@" if credentials else ""
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    node_urls = [f"redis://{auth}{host}{tail}" for host in nodes]
+    shown = credentials.split(":", 1)[0] + ":***@" if ":" in credentials else auth
+    return f"redlock://{shown}{','.join(nodes)}{parts.path}", node_urls
