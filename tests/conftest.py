@@ -49,6 +49,13 @@ def running_redis_nodes(count: int) -> Iterator[list[RedisProcess]]:
             shutil.rmtree(server.folder, ignore_errors=True)
 
 
+@pytest.fixture
+def redlock_nodes() -> Iterator[list[RedisProcess]]:
+    """Three real, independent redis-servers for RedLock fault tests."""
+    with running_redis_nodes(3) as servers:
+        yield servers
+
+
 @contextmanager
 def _redlock(tmp: Path, nodes: int) -> Iterator[str]:
     """``nodes`` real, independent ``redis-server`` processes behind one RedLock URL."""
