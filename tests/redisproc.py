@@ -3,6 +3,10 @@
 Each server listens on a free loopback port, keeps its files in its own temporary
 folder, persists nothing unless asked (``--save '' --appendonly no``) and is stopped
 by the PID this module started: SIGTERM, then SIGKILL if it does not exit in time.
+
+A server started with ``tls=`` (see :func:`make_tls_files`, which runs the ``openssl``
+command line) listens for TLS only. Readiness is any RESP answer to PING, so servers
+that want a password (``-NOAUTH``) count as up too.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -26,20 +31,65 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def _ping(port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis on ``port`` answers PING (raw RESP, no client library)."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and a server certificate it signed (for 127.0.0.1 and localhost)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_args(self, port: int) -> list[str]:
+        """redis-server options to listen for TLS only, on ``port``."""
+        return ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
+                "--tls-auth-clients", "no"]  # fmt: skip
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """Generate a CA and a server certificate into ``folder`` with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("openssl is not installed")
+    files = TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    ca_key, csr, ext = folder / "ca.key", folder / "server.csr", folder / "server.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=lockd test CA", "-keyout", str(ca_key), "-out", str(files.ca)],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(files.key), "-out", str(csr)],
+        ["x509", "-req", "-in", str(csr), "-CA", str(files.ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(files.cert)],
+    ]  # fmt: skip
+    for step in steps:
+        subprocess.run([openssl, *step], check=True, capture_output=True, timeout=60)
+    return files
+
+
+def _ping(port: int, timeout: float = 0.5, tls: TlsFiles | None = None) -> bool:
+    """True when a Redis on ``port`` answers PING at all (raw RESP, no client library).
+
+    ``+PONG`` and an error such as ``-NOAUTH`` both show the server is serving.
+    """
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout))
+            if tls is not None:
+                context = ssl.create_default_context(cafile=str(tls.ca))
+                sock = stack.enter_context(context.wrap_socket(sock, server_hostname="127.0.0.1"))
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH", b"-NOPERM"))
+    except OSError:  # ssl.SSLError is an OSError too
         return False
 
 
-def _wait_until_up(process: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+def _wait_until_up(
+    process: subprocess.Popen[bytes], port: int, timeout: float, tls: TlsFiles | None = None
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if _ping(port):
+        if _ping(port, tls=tls):
             return True
         time.sleep(0.02)
     return False
@@ -53,11 +103,14 @@ class RedisProcess:
     port: int
     folder: Path
     command: list[str]
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        """Its ``redis://`` URL."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Its ``redis://`` URL (``rediss://`` trusting the test CA when it speaks TLS)."""
+        if self.tls is None:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         """Signal our server and wait for it; kill it if it does not stop in time."""
@@ -88,25 +141,29 @@ class RedisProcess:
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        if not _wait_until_up(self.process, self.port, timeout):
+        if not _wait_until_up(self.process, self.port, timeout, self.tls):
             out = self.process.stdout.read() if self.process.stdout else b""
             self.stop(signal.SIGKILL)
             raise RuntimeError(f"redis-server did not restart: {out.decode(errors='replace')}")
 
 
-def start_redis(*extra: str, timeout: float = 10.0) -> RedisProcess:
-    """Start ``redis-server`` on a free loopback port in a new temporary folder."""
+def start_redis(*extra: str, timeout: float = 10.0, tls: TlsFiles | None = None) -> RedisProcess:
+    """Start ``redis-server`` on a free loopback port in a new temporary folder.
+
+    With ``tls``, the port is a TLS port and the plain port is off.
+    """
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     folder = Path(tempfile.mkdtemp(prefix="lockd-redis-"))
     for _ in range(5):  # another process may take the free port before redis binds it
         port = free_port()
-        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+        ports = ["--port", str(port)] if tls is None else tls.server_args(port)
+        command = [binary, *ports, "--bind", "127.0.0.1", "--dir", str(folder),
                    "--save", "", "--appendonly", "no", "--daemonize", "no", *extra]  # fmt: skip
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        server = RedisProcess(process, port, folder, command)
-        if _wait_until_up(process, port, timeout):
+        server = RedisProcess(process, port, folder, command, tls)
+        if _wait_until_up(process, port, timeout, tls):
             return server
         out = b""
         if process.poll() is not None and process.stdout:
@@ -120,9 +177,9 @@ def start_redis(*extra: str, timeout: float = 10.0) -> RedisProcess:
 
 
 @contextlib.contextmanager
-def running_redis(*extra: str) -> Iterator[RedisProcess]:
+def running_redis(*extra: str, tls: TlsFiles | None = None) -> Iterator[RedisProcess]:
     """A redis-server for the duration of a ``with`` block; its folder is removed after."""
-    server = start_redis(*extra)
+    server = start_redis(*extra, tls=tls)
     try:
         yield server
     finally:
@@ -130,4 +187,11 @@ def running_redis(*extra: str) -> Iterator[RedisProcess]:
         shutil.rmtree(server.folder, ignore_errors=True)
 
 
-__all__ = ["RedisProcess", "redis_server_binary", "running_redis", "start_redis"]
+__all__ = [
+    "RedisProcess",
+    "TlsFiles",
+    "make_tls_files",
+    "redis_server_binary",
+    "running_redis",
+    "start_redis",
+]
