@@ -6,16 +6,18 @@ ids, revocations), with Redis's own clock (``TIME``) deciding every expiry. All 
 name share one hash tag (``lockd:{NAMESPACE:NAME}:...``), so a Redis Cluster keeps them in
 one slot. Tokens come from the name's ``INCR`` counter, which is never deleted.
 
-Waiting. A blocked acquire SUBSCRIBEs to the name's channel first (and waits for Redis to
-confirm), then runs its acquire script, which grants it or queues it in Redis with a
-*waiter deadline* (``WAITER_LEASE`` from now). Any script that frees a slot (release,
-expiry noticed by any call, force-release, a waiter leaving) grants the queue's head in
-the same step and PUBLISHes the woken waiters' attempt ids; the waiter then fetches its
-grant. Only the woken waiters wake. While queued, a waiter checks in every
-``CHECK_IN`` seconds and at the earliest holder expiry: that refreshes its deadline and
-guards against a lost message. A waiter that stops checking in (crashed, partitioned)
-is dropped by the next script that touches the queue once its deadline passes, so it
-holds up those behind it no longer than that (or, if granted just before, its ttl).
+Waiting. Each backend has an *inbox*: a pub/sub channel of its own (``lockd:wake:INBOX``),
+subscribed once, before its first blocked acquire (which waits for Redis to confirm).
+The acquire script grants the request or queues it in Redis with a *waiter deadline*
+(``WAITER_LEASE`` from now). Any script that frees a slot (release, expiry noticed by
+any call, force-release, a waiter leaving) grants the queue's head in the same step and
+PUBLISHes the grant (token, count, ttl, time waited) to that waiter's inbox, so only the
+woken waiter's process wakes, and it needs no further round trip. While queued, a
+waiter checks in every ``CHECK_IN`` seconds and at the earliest holder expiry: that
+refreshes its deadline and guards against a lost message. A waiter that stops checking
+in (crashed, partitioned) is dropped by the next script that touches the queue once its
+deadline passes, so it holds up those behind it no longer than that (or, if granted
+just before, its ttl).
 A cancelled acquire *abandons* its request id, which undoes it whatever it reached.
 
 Capabilities: ``single-node`` safety, fencing, fair, not durable, shared across
@@ -38,7 +40,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -72,8 +73,8 @@ WAITER_LEASE = 3.0
 SUBSCRIBE_TIMEOUT = 2.0
 """Seconds to wait for Redis to confirm a SUBSCRIBE before trying anyway."""
 SCRIPTS = ("ACQUIRE", "RELEASE", "EXTEND", "ABANDON", "FORCE_RELEASE", "INSPECT", "RAISE")
-LINGER = 10.0
-"""Seconds a channel stays subscribed after its last waiter left."""
+WAKE_PREFIX = "lockd:wake:"
+"""Wake-up channels are this prefix and a backend's inbox id."""
 
 
 def _redact(url: str) -> str:
@@ -100,19 +101,18 @@ class RedisBackend(Backend):
         shared_across_processes=True,
     )
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, inbox: str | None = None) -> None:
         self.url = _redact(url)
         self._url = url
         self._redis: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._channels: dict[str, int] = {}  # channel -> local waiters using it
-        self._live: set[str] = set()  # channels Redis confirmed we are subscribed to
-        self._idle: dict[str, float] = {}  # unused channel -> since (monotonic)
-        self._swept = 0.0
-        self._confirm: dict[str, deque[asyncio.Future[None]]] = {}
-        self._wake: dict[str, asyncio.Event] = {}
+        self.inbox = inbox or uuid.uuid4().hex
+        self._channel = WAKE_PREFIX + self.inbox
+        self._listening: asyncio.Future[None] | None = None  # done: Redis confirmed
+        self._wake: dict[str, asyncio.Event] = {}  # attempt id -> its waiter's event
+        self._delivered: dict[str, list[Any]] = {}  # attempt id -> grant sent by message
         self._background: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -177,8 +177,10 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"{self.url}: {exc}") from exc
 
     async def _run(self, script: str, namespace: str, name: str, *args: str | int) -> list[Any]:
-        keys, channel = _keys(namespace, name)
-        reply = await self._call(lambda: self._scripts[script](keys=keys, args=[channel, *args]))
+        keys = _keys(namespace, name)
+        reply = await self._call(
+            lambda: self._scripts[script](keys=keys, args=[WAKE_PREFIX, *args])
+        )
         return list(reply)
 
     # --- the contract -----------------------------------------------------------------
@@ -195,7 +197,7 @@ class RedisBackend(Backend):
         request_id: str | None,
     ) -> Grant:
         rid = request_id or uuid.uuid4().hex
-        attempt = uuid.uuid4().hex
+        attempt = self.new_attempt()
         return await undo_on_cancel(
             self._wait_for_grant(namespace, name, owner, ttl, wait, limit, rid, attempt),
             lambda: self._abandon(namespace, name, owner, rid),
@@ -223,10 +225,9 @@ class RedisBackend(Backend):
         if wait == 0:
             return self._granted(await step("try"), name, owner, limit)
         end = None if wait is None else time.monotonic() + wait
-        _, channel = _keys(namespace, name)
         woken = self._wake[attempt] = asyncio.Event()
         try:
-            await self._subscribe(channel)  # subscribe first, then try: no wake-up is missed
+            await self._listen()  # subscribe first, then try: no wake-up is missed
             reply = await step("new")
             while reply[0] == "queued":
                 pause = CHECK_IN
@@ -239,14 +240,17 @@ class RedisBackend(Backend):
                         async with asyncio.timeout(pause):
                             await woken.wait()
                 woken.clear()
-                if end is not None and time.monotonic() >= end:
+                delivered = self._delivered.pop(attempt, None)
+                if delivered is not None:
+                    reply = delivered
+                elif end is not None and time.monotonic() >= end:
                     reply = await step("leave")  # a grant made meanwhile is still ours
-                    break
-                reply = await step("wait")
+                else:
+                    reply = await step("wait")
             return self._granted(reply, name, owner, limit)
         finally:
             self._wake.pop(attempt, None)
-            self._unsubscribe(channel)
+            self._delivered.pop(attempt, None)
 
     def _granted(self, reply: list[Any], name: str, owner: str, limit: int) -> Grant:
         status = reply[0]
@@ -336,90 +340,64 @@ class RedisBackend(Backend):
 
     # --- notifications ----------------------------------------------------------------
 
-    async def _subscribe(self, channel: str, confirm_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
-        """Count a user of ``channel`` and make sure we are subscribed to it.
+    def new_attempt(self) -> str:
+        """A fresh attempt id whose wake-ups come to this backend's inbox."""
+        return f"{self.inbox}.{uuid.uuid4().hex}"
 
-        Every call counts a user, even when it fails: the caller always calls
-        :meth:`_unsubscribe` afterwards. A channel stays subscribed for ``LINGER``
-        seconds after its last user, so a lock taken in a loop does not resubscribe each
-        time.
-        """
-        self._channels[channel] = self._channels.get(channel, 0) + 1
-        self._idle.pop(channel, None)
-        if channel in self._live:
-            return
-        confirmed = asyncio.get_running_loop().create_future()
-        pending = self._confirm.setdefault(channel, deque())
-        pending.append(confirmed)
-        if self._pubsub is None:
-            self._pubsub = self._client().pubsub()
-        pubsub = self._pubsub
-        try:
-            await self._call(lambda: pubsub.subscribe(channel))
-        except BaseException:
-            with contextlib.suppress(ValueError):
-                pending.remove(confirmed)  # no confirmation will come for it
-            raise
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read())
-        with contextlib.suppress(TimeoutError):  # the bounded re-check covers a lost OK
-            async with asyncio.timeout(confirm_timeout):
-                await asyncio.shield(confirmed)
-
-    def _unsubscribe(self, channel: str) -> None:
-        users = self._channels.get(channel, 0) - 1
-        if users > 0:
-            self._channels[channel] = users
-            return
-        self._channels.pop(channel, None)
-        self._idle[channel] = time.monotonic()
-
-    async def _drop_idle_channels(self, pubsub: PubSub) -> None:
-        """Unsubscribe from channels nobody has used for ``LINGER`` seconds."""
-        now = time.monotonic()
-        if now - self._swept < 1.0:
-            return
-        self._swept = now
-        idle = [ch for ch, since in self._idle.items() if now - since >= LINGER]
-        for channel in idle:
-            del self._idle[channel]
-            self._live.discard(channel)
-        if idle:
-            await pubsub.unsubscribe(*idle)
+    async def _listen(self, confirm_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
+        """Subscribe to our inbox (once) and wait up to ``confirm_timeout`` for Redis's OK."""
+        if self._listening is None:
+            self._listening = asyncio.get_running_loop().create_future()
+            if self._pubsub is None:
+                self._pubsub = self._client().pubsub()
+            pubsub = self._pubsub
+            try:
+                await self._call(lambda: pubsub.subscribe(self._channel))
+            except BaseException:
+                self._listening = None
+                raise
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.ensure_future(self._read())
+        listening = self._listening
+        if not listening.done():
+            with contextlib.suppress(TimeoutError):  # the bounded re-check covers a lost OK
+                async with asyncio.timeout(confirm_timeout):
+                    await asyncio.shield(listening)
 
     async def _read(self) -> None:
-        """Deliver messages: subscribe confirmations, and wake-ups of local waiters."""
+        """Deliver messages: the subscribe confirmation, and wake-ups of local waiters."""
         pubsub = self._pubsub
         assert pubsub is not None
         while not self._closed:
             try:
-                await self._drop_idle_channels(pubsub)
                 message = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the waiters' re-checks carry on meanwhile
                 log.debug("redis pub/sub read failed: %s", exc)
-                self._live.clear()  # resubscribe on next use
+                self._listening = None  # the next waiter subscribes again
                 await asyncio.sleep(0.2)
                 continue
             if not message:
                 continue
-            kind, channel = message.get("type"), message.get("channel")
+            kind = message.get("type")
             if kind == "subscribe":
-                if channel in self._channels or channel in self._idle:
-                    self._live.add(channel)
-                pending = self._confirm.get(channel)
-                if pending:
-                    confirmed = pending.popleft()
-                    if not confirmed.done():
-                        confirmed.set_result(None)
-                if not pending:
-                    self._confirm.pop(channel, None)
+                if self._listening is not None and not self._listening.done():
+                    self._listening.set_result(None)
             elif kind == "message":
-                for attempt in str(message.get("data", "")).split():
-                    event = self._wake.get(attempt)
-                    if event is not None:
-                        event.set()
+                self._wake_up(str(message.get("data", "")))
+
+    def _wake_up(self, data: str) -> None:
+        """Wake the waiters named in one message, keeping the grants it carries."""
+        for item in data.split():
+            attempt, _, grant = item.partition("=")
+            event = self._wake.get(attempt)
+            if event is None:
+                continue
+            if grant:
+                token, count, ttl_left, waited = grant.split(",")
+                self._delivered[attempt] = ["granted", token, count, ttl_left, waited]
+            event.set()
 
 
 async def undo_on_cancel(
@@ -447,10 +425,10 @@ async def undo_on_cancel(
         raise
 
 
-def _keys(namespace: str, name: str) -> tuple[list[str], str]:
-    """The keys of one name (one hash tag) and its wake-up channel."""
+def _keys(namespace: str, name: str) -> list[str]:
+    """The keys of one name, all with one hash tag."""
     base = f"lockd:{{{namespace}:{name}}}"
-    return [f"{base}:{suffix}" for suffix in redis_lua.KEY_SUFFIXES], f"{base}:wake"
+    return [f"{base}:{suffix}" for suffix in redis_lua.KEY_SUFFIXES]
 
 
 def _holder(row: list[Any]) -> HolderInfo:

@@ -19,8 +19,12 @@ Every script receives the same ten keys, all of one name and so all with one has
 Time is Redis's own clock (``TIME``, allowed in scripts since Redis 5 with effects
 replication, the only mode of Redis 7); no client timestamp is ever used for expiry.
 Every script first drops expired holds and dead waiters, then grants queued waiters
-in order while slots are free (``settle``), and finally PUBLISHes the attempt ids of
-the waiters it woke on the name's channel (ARGV[1]).
+in order while slots are free (``settle``), and finally wakes the waiters it granted or
+removed. A waiter's attempt id is ``INBOX.ID``: the wake-up goes to the channel
+ARGV[1] .. INBOX, which only the waiter's own client subscribes to, as
+``ATTEMPT=token,count,ttl_left_ms,waited_us`` for a grant (the waiter needs no further
+round trip) or ``ATTEMPT`` alone for a waiter that was removed or replaced; several
+items of one message are separated by spaces.
 
 Each script is a header comment (its KEYS and ARGV), then the shared ``PRELUDE``, then
 its body. Replies are arrays whose first element is a status word.
@@ -184,7 +188,8 @@ local function settle()
       if h then reenter(h, w.ttl) else h = new_hold(w.owner, w.ttl) end
       remember('acquire', w.owner, w.rid,
         string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt))
-      table.insert(woken, w.attempt)
+      table.insert(woken, string.format('%s=%d,%d,%d,%d', w.attempt, h.token, h.count,
+        h.expires - now, now_us - w.enqueued))
     end
   end
   if redis.call('HLEN', K_HOLDS) == 0 and redis.call('LLEN', K_QUEUE) == 0 then
@@ -199,9 +204,22 @@ local function touch()
   settle()
 end
 
--- Wake the waiters this script granted or removed, then return the reply.
+-- Wake the waiters this script granted or removed (each client on its own inbox
+-- channel), then return the reply.
 local function finish(reply)
-  if #woken > 0 then redis.call('PUBLISH', CHANNEL, table.concat(woken, ' ')) end
+  if #woken == 0 then return reply end
+  local inboxes, order = {}, {}
+  for _, item in ipairs(woken) do
+    local inbox = string.match(item, '^([^.=]*)%.') or ''
+    if not inboxes[inbox] then
+      inboxes[inbox] = {}
+      table.insert(order, inbox)
+    end
+    table.insert(inboxes[inbox], item)
+  end
+  for _, inbox in ipairs(order) do
+    redis.call('PUBLISH', CHANNEL .. inbox, table.concat(inboxes[inbox], ' '))
+  end
   return reply
 end
 
@@ -249,7 +267,7 @@ def _script(header: str, body: str) -> str:
 ACQUIRE = _script(
     """\
 -- lockd acquire: grant at once, queue, check in while queued, or leave the queue.
--- ARGV[1] channel of the name    ARGV[2] owner     ARGV[3] request id
+-- ARGV[1] wake-up channel prefix    ARGV[2] owner     ARGV[3] request id
 -- ARGV[4] attempt id (unique per call)             ARGV[5] ttl_ms
 -- ARGV[6] limit                  ARGV[7] mode: try | new | wait | leave
 -- ARGV[8] waiter lease ms: a queued waiter that does not check in within it drops out
@@ -329,7 +347,7 @@ return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
 RELEASE = _script(
     """\
 -- lockd release: drop one count of the owner's hold, then grant waiters in order.
--- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token (0: any)
+-- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] token (0: any)
 -- ARGV[4] request id ('' none)
 -- Replies: {'ok', count_left} | {'not_held'} | {'lost'} | {'revoked'}
 """,
@@ -350,7 +368,7 @@ return finish({'ok', left})
 EXTEND = _script(
     """\
 -- lockd extend: make the owner's hold last ttl_ms from now (Redis's clock).
--- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token (0: any)   ARGV[4] ttl_ms
+-- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] token (0: any)   ARGV[4] ttl_ms
 -- Replies: {'granted', token, count, ttl_left_ms, 0, limit} | {'not_held'} | {'lost'}
 --   | {'revoked'}
 """,
@@ -370,7 +388,7 @@ ABANDON = _script(
     """\
 -- lockd abandon: undo acquire request_id whose caller has gone, whatever it reached:
 -- leave the queue, release a grant once, or refuse the request when it arrives.
--- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] request id
+-- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] request id
 -- Replies: {'ok'}
 """,
     r"""
@@ -402,7 +420,7 @@ return finish({'ok'})
 FORCE_RELEASE = _script(
     """\
 -- lockd force_release: evict every holder (or one owner); their tokens are revoked.
--- ARGV[1] channel of the name   ARGV[2] owner ('' : every holder)
+-- ARGV[1] wake-up channel prefix   ARGV[2] owner ('' : every holder)
 -- Replies: {'ok', {owner, token, count, ttl_left_ms, held_for_ms, acquired_at_ms}...}
 """,
     r"""
@@ -428,7 +446,7 @@ return finish({'ok', evicted})
 INSPECT = _script(
     """\
 -- lockd inspect: holders, waiters in order, limit and last token of one name.
--- ARGV[1] channel of the name
+-- ARGV[1] wake-up channel prefix
 -- Replies: {'ok', limit, last_token, {{owner, token, count, ttl_left_ms, held_for_ms,
 --   acquired_at_ms}...}, {{owner, waited_us}...}}
 """,
@@ -454,7 +472,7 @@ RAISE = _script(
     """\
 -- lockd raise (RedLock): give the owner's hold the token a majority of nodes agreed on,
 -- and lift the counter to it, so every later grant on this node gets a higher token.
--- ARGV[1] channel of the name   ARGV[2] owner   ARGV[3] token this node granted
+-- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] token this node granted
 -- ARGV[4] agreed token (higher)   ARGV[5] request id of the acquire
 -- Replies: {'ok'} | {'not_held'}
 """,

@@ -17,7 +17,8 @@ checks the owner and request id) and retried after a random delay while the call
 ``wait`` lasts. Extending needs a quorum too, with the same validity rule.
 
 Waiting is FIFO on each node: a blocked request queues on every node, wakes by each
-node's pub/sub channel, and checks in with the same bounded re-check as ``redis://``.
+node's pub/sub message (which carries that node's grant), and checks in with the same
+bounded re-check as ``redis://``.
 Requests sent at nearly the same moment can reach two nodes in different orders; then the
 nodes may grant different waiters so that nobody holds a quorum. A waiter that holds some
 nodes while no other owner holds a quorum looks again after a short random pause, and if
@@ -59,7 +60,7 @@ from urllib.parse import urlsplit
 
 from lockd.backends import redis as redis_backend
 from lockd.backends.base import Backend
-from lockd.backends.redis import RedisBackend, _holder, _keys, _not_held, undo_on_cancel
+from lockd.backends.redis import RedisBackend, _holder, _not_held, undo_on_cancel
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -114,6 +115,8 @@ class _Round:
 
     base: str
     index: int
+    attempt: str
+    """Where the nodes' wake-up messages for this round go (``INBOX.ID``)."""
     reused: bool = False
     """A retry of the same request id: the nodes answer it from what they remember."""
     undone: bool = False
@@ -122,6 +125,8 @@ class _Round:
     trouble: dict[int, str] = field(default_factory=dict)  # nodes with another status
     unreachable: set[int] = field(default_factory=set)
     next_expiry: float | None = None
+    started: float = 0.0
+    """Monotonic time before the round's first request was sent."""
     denied: str = ""
     lost_token: int | None = None
 
@@ -144,7 +149,8 @@ class RedlockBackend(Backend):
 
     def __init__(self, url: str, node_urls: list[str]) -> None:
         self.url = url
-        self._nodes = [RedisBackend(u) for u in node_urls]
+        inbox = uuid.uuid4().hex  # one inbox on every node: one attempt id serves them all
+        self._nodes = [RedisBackend(u, inbox) for u in node_urls]
         self._majority = len(self._nodes) // 2 + 1
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # request id -> its last round
         self._abandoned: OrderedDict[str, None] = OrderedDict()
@@ -247,33 +253,29 @@ class RedlockBackend(Backend):
     ) -> Grant:
         started = time.monotonic()
         end = None if wait is None else started + wait
-        _, channel = _keys(namespace, name)
-        attempt = uuid.uuid4().hex
         woken = asyncio.Event()
         timeout = node_timeout(ttl)
-        for node in self._nodes:
-            node._wake[attempt] = woken
-        try:
-            if wait != 0:  # subscribe first, then ask: no wake-up is missed
-                await self._fan(lambda i: self._nodes[i]._subscribe(channel, timeout), timeout)
-            while True:
-                current.append(self._next_round(base))
-                grant = await self._round(
-                    namespace, name, owner, ttl, wait, limit, attempt, current[-1], end, woken
-                )
-                if grant is not None:
-                    return Grant(name=name, owner=owner, token=grant.token, count=grant.count,
-                                 ttl=grant.ttl, waited=time.monotonic() - started)  # fmt: skip
-                pause = random.uniform(*RETRY_DELAY)
-                if end is not None and time.monotonic() + pause >= end:
-                    raise AcquireTimeout(f"{name!r} was not granted in time", name=name,
-                                         owner=owner)  # fmt: skip
-                await asyncio.sleep(pause)
-        finally:
+        if wait != 0:  # subscribe first, then ask: no wake-up is missed
+            await self._fan(lambda i: self._nodes[i]._listen(timeout), timeout)
+        while True:
+            rnd = self._next_round(base)
+            current.append(rnd)
             for node in self._nodes:
-                node._wake.pop(attempt, None)
-                if wait != 0:
-                    node._unsubscribe(channel)
+                node._wake[rnd.attempt] = woken
+            try:
+                grant = await self._round(namespace, name, owner, ttl, wait, limit, rnd, end, woken)
+            finally:
+                for node in self._nodes:
+                    node._wake.pop(rnd.attempt, None)
+                    node._delivered.pop(rnd.attempt, None)
+            if grant is not None:
+                return Grant(name=name, owner=owner, token=grant.token, count=grant.count,
+                             ttl=grant.ttl, waited=time.monotonic() - started)  # fmt: skip
+            pause = random.uniform(*RETRY_DELAY)
+            if end is not None and time.monotonic() + pause >= end:
+                raise AcquireTimeout(f"{name!r} was not granted in time", name=name,
+                                     owner=owner)  # fmt: skip
+            await asyncio.sleep(pause)
 
     async def _round(
         self,
@@ -283,14 +285,13 @@ class RedlockBackend(Backend):
         ttl: float,
         wait: float | None,
         limit: int,
-        attempt: str,
         rnd: _Round,
         end: float | None,
         woken: asyncio.Event,
     ) -> Grant | None:
         """One attempt: a Grant, or None (undone on every node) to try again."""
         need = quorum(len(self._nodes), limit)
-        args = (namespace, name, owner, rnd.rid, attempt, max(1, round(ttl * 1000)), limit)
+        args = (namespace, name, owner, rnd.rid, rnd.attempt, max(1, round(ttl * 1000)), limit)
 
         async def give_up() -> None:
             await self._give_up(namespace, name, owner, rnd, ttl)
@@ -306,6 +307,7 @@ class RedlockBackend(Backend):
             for i, reply in replies.items():
                 self._note(rnd, i, reply, sent)
 
+        rnd.started = time.monotonic()
         await step(range(len(self._nodes)), "try" if wait == 0 else "new")
         looked_again = False
         while True:
@@ -329,6 +331,9 @@ class RedlockBackend(Backend):
                 continue
             looked_again = False
             await self._pause(rnd, ttl, end, woken)
+            self._take_delivered(rnd)
+            if len(rnd.grants) >= need:
+                continue
             if end is not None and time.monotonic() >= end:
                 await step(self._pending(rnd), "leave")  # a grant made meanwhile still counts
                 if len(rnd.grants) >= need:
@@ -382,6 +387,19 @@ class RedlockBackend(Backend):
             rnd.trouble[i] = status if status != "invalid" else f"invalid {reply[1]}"
             if status == "lost":
                 rnd.lost_token = max(int(reply[1]), rnd.lost_token or 0)
+
+    def _take_delivered(self, rnd: _Round) -> None:
+        """Count the grants that nodes sent by message, without asking them again."""
+        for i in self._pending(rnd):
+            reply = self._nodes[i]._delivered.pop(rnd.attempt, None)
+            if reply is None or rnd.reused:  # a retry's queue time may predate the round
+                continue
+            # The node queued us after this round's first request left, and the message
+            # says how long (by its clock) it kept us queued: a lower bound on when.
+            granted_at = rnd.started + int(reply[4]) / 1_000_000
+            rnd.grants[i] = _NodeGrant(int(reply[1]), int(reply[2]),
+                                       granted_at + int(reply[3]) / 1000)  # fmt: skip
+            rnd.holders.pop(i, None)
 
     def _pending(self, rnd: _Round) -> list[int]:
         return [i for i in range(len(self._nodes)) if i not in rnd.grants]
@@ -487,12 +505,13 @@ class RedlockBackend(Backend):
         """The round to send for request id ``base``: a retry repeats the last round unless
         that one was given up."""
         last = self._rounds.get(base)
+        attempt = self._nodes[0].new_attempt()
         if last is None:
-            rnd = _Round(base, 0)
+            rnd = _Round(base, 0, attempt)
         elif last.undone:
-            rnd = _Round(base, last.index + 1)
+            rnd = _Round(base, last.index + 1, attempt)
         else:
-            rnd = _Round(base, last.index, reused=True)
+            rnd = _Round(base, last.index, attempt, reused=True)
         self._remember(self._rounds, base, rnd)
         return rnd
 
