@@ -30,6 +30,7 @@ from lockd.errors import (
     Revoked,
     SafetyUnavailable,
     StoreBusy,
+    StoreRefused,
 )
 from lockd.model import (
     Capabilities,
@@ -66,6 +67,7 @@ __all__ = [
     "SafetyUnavailable",
     "Semaphore",
     "StoreBusy",
+    "StoreRefused",
     "WaiterInfo",
     "connect",
 ]

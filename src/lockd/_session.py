@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from lockd.backends import Backend
-from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked
+from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked, StoreRefused
 from lockd.model import Grant, LockState
 
 __all__ = ["HoldState", "Session"]
@@ -316,7 +316,9 @@ async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None) -> T
     while True:
         try:
             return await op()
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            if isinstance(exc, StoreRefused):
+                raise  # credentials or permissions: asking again cannot help
             if deadline is not None and time.monotonic() + backoff > deadline:
                 raise
             log.warning("store unreachable; retrying in %.2f s", backoff)

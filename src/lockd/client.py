@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from lockd._runtime import Call, runtime
 from lockd._session import HoldState, Session
-from lockd.backends import Backend, require_safety
+from lockd.backends import Backend, redact_url, require_safety
 from lockd.errors import AcquireTimeout, NotHeld
 from lockd.model import (
     Capabilities,
@@ -87,7 +87,8 @@ class _ClientBase:
         await self._rt.close_store(self._session.backend)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.url!r} namespace={self.namespace!r} id={self.id!r}>"
+        url = redact_url(self.url)
+        return f"<{type(self).__name__} {url!r} namespace={self.namespace!r} id={self.id!r}>"
 
 
 class _LockBase(Generic[T]):

@@ -11,7 +11,8 @@ Every error is a :class:`LockError` and carries the lock's ``name``, ``owner`` a
     ├── InvalidRequest       bad input; nothing was changed (also a ValueError)
     ├── SafetyUnavailable    the store cannot give the safety level asked for
     └── BackendUnavailable   the store cannot be reached or failed
-        └── StoreBusy        a file store is open in another process
+        ├── StoreBusy        a file store is open in another process
+        └── StoreRefused     the store refused us (authentication, permissions): not retried
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "Revoked",
     "SafetyUnavailable",
     "StoreBusy",
+    "StoreRefused",
 ]
 
 
@@ -107,6 +109,15 @@ class StoreBusy(BackendUnavailable):
     code = "store_busy"
 
 
+class StoreRefused(BackendUnavailable):
+    """The store refused the request: wrong credentials or missing permissions.
+
+    Retrying cannot help, so the SDK raises it at once instead of retrying.
+    """
+
+    code = "store_refused"
+
+
 ERROR_CODES: dict[str, type[LockError]] = {
     cls.code: cls
     for cls in (
@@ -119,6 +130,7 @@ ERROR_CODES: dict[str, type[LockError]] = {
         SafetyUnavailable,
         BackendUnavailable,
         StoreBusy,
+        StoreRefused,
     )
 }
 """Every error class by its wire code, so an error crosses HTTP and comes back typed."""

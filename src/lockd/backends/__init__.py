@@ -4,12 +4,12 @@ so a store's driver is needed only by those who use that store.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from lockd.backends.base import Backend, require_safety
 from lockd.errors import InvalidRequest
 
-__all__ = ["Backend", "connect", "require_safety", "store_key"]
+__all__ = ["Backend", "connect", "redact_url", "require_safety", "store_key"]
 
 REDIS_OPTIONS = {
     # What redis-py reads from a URL's query (the rest of the URL: user, password, db).
@@ -22,15 +22,26 @@ REDIS_OPTIONS = {
 SCHEMES = ("memory", "file", "http", "https", "redis", "rediss", "redlock")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def _split(url: str) -> tuple[str, str, dict[str, str]]:
     """Return (scheme, location, options) of a store URL."""
     if not isinstance(url, str) or "://" not in url:
-        raise InvalidRequest(f"store URL must look like scheme://..., not {url!r}")
+        shown = url if not isinstance(url, str) else url.rpartition("@")[2]
+        raise InvalidRequest(f"store URL must look like scheme://..., not {shown!r}")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise InvalidRequest(
-            f"unknown store scheme {scheme!r} in {url!r}; known: {', '.join(SCHEMES)}"
+            f"unknown store scheme {scheme!r} in {redact_url(url)!r}; known: {', '.join(SCHEMES)}"
         )
     options = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     return scheme, parts.netloc + parts.path, options
@@ -47,7 +58,7 @@ def store_key(url: str) -> str:
         from pathlib import Path
 
         if not location:
-            raise InvalidRequest(f"file store URL needs a path: {url!r}")
+            raise InvalidRequest(f"file store URL needs a path: {redact_url(url)!r}")
         location = str(Path(location).resolve())
     suffix = "?" + "&".join(f"{k}={v}" for k, v in sorted(options.items())) if options else ""
     return f"{scheme}://{location}{suffix}"
@@ -67,7 +78,7 @@ def connect(url: str) -> Backend:
 
         _no_options(url, options, REDIS_OPTIONS)
         if not urlsplit(url).hostname:
-            raise InvalidRequest(f"a Redis URL is redis://host:port[/db], not {url!r}")
+            raise InvalidRequest(f"a Redis URL is redis://host:port[/db], not {redact_url(url)!r}")
         return RedisBackend(url)
     if scheme == "redlock":
         from lockd.backends.redlock import RedlockBackend, parse_nodes
@@ -79,7 +90,8 @@ def connect(url: str) -> Backend:
 
         _no_options(url, options, set())
         if location.count("/") > 1 or not location.strip("/"):
-            raise InvalidRequest(f"a lockd server URL is http(s)://host:port, not {url!r}")
+            shown = redact_url(url)
+            raise InvalidRequest(f"a lockd server URL is http(s)://host:port, not {shown!r}")
         return HttpBackend(url)
     if scheme == "memory":
         _no_options(url, options, set())
@@ -90,11 +102,12 @@ def connect(url: str) -> Backend:
 
     _no_options(url, options, {"sync"})
     if not location:
-        raise InvalidRequest(f"file store URL needs a path: {url!r}")
+        raise InvalidRequest(f"file store URL needs a path: {redact_url(url)!r}")
     return FileBackend(location, sync=options.get("sync", "full"))
 
 
 def _no_options(url: str, options: dict[str, str], known: set[str]) -> None:
     unknown = set(options) - known
     if unknown:
-        raise InvalidRequest(f"unknown option(s) {', '.join(sorted(unknown))} in {url!r}")
+        names = ", ".join(sorted(unknown))
+        raise InvalidRequest(f"unknown option(s) {names} in {redact_url(url)!r}")

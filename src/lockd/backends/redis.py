@@ -42,9 +42,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
-from lockd.backends import redis_lua
+from lockd.backends import redact_url, redis_lua
 from lockd.backends.base import Backend
 from lockd.errors import (
     AcquireTimeout,
@@ -54,6 +53,7 @@ from lockd.errors import (
     LockLost,
     NotHeld,
     Revoked,
+    StoreRefused,
 )
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel, WaiterInfo
 
@@ -77,15 +77,6 @@ WAKE_PREFIX = "lockd:wake:"
 """Wake-up channels are this prefix and a backend's inbox id."""
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -102,7 +93,7 @@ class RedisBackend(Backend):
     )
 
     def __init__(self, url: str, inbox: str | None = None) -> None:
-        self.url = _redact(url)
+        self.url = redact_url(url)
         self._url = url
         self._redis: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -169,12 +160,28 @@ class RedisBackend(Backend):
         return self._redis
 
     async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        from redis.exceptions import RedisError
+        """Await a driver call; its failures become lockd errors."""
+        from redis.exceptions import (
+            AuthenticationError,
+            AuthorizationError,
+            NoPermissionError,
+            RedisError,
+            ResponseError,
+        )
 
         try:
             return await make()
+        except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
+            raise StoreRefused(f"{self.url} refused: {exc}") from exc
+        except ResponseError as exc:
+            # A command a script runs but the ACL user may not: a plain ERR from the script.
+            if "permission" in str(exc) or "can't run this command" in str(exc):
+                raise StoreRefused(f"{self.url} refused: {exc}") from exc
+            raise BackendUnavailable(f"{self.url}: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"{self.url}: {exc}") from exc
+        except (AttributeError, TypeError) as exc:  # the driver's state torn by a disconnect
+            raise BackendUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
 
     async def _run(self, script: str, namespace: str, name: str, *args: str | int) -> list[Any]:
         keys = _keys(namespace, name)
@@ -355,6 +362,7 @@ class RedisBackend(Backend):
                 await self._call(lambda: pubsub.subscribe(self._channel))
             except BaseException:
                 self._listening = None
+                self._drop_pubsub()  # the next waiter starts on a fresh connection
                 raise
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.ensure_future(self._read())
@@ -364,11 +372,19 @@ class RedisBackend(Backend):
                 async with asyncio.timeout(confirm_timeout):
                     await asyncio.shield(listening)
 
+    def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            task = asyncio.ensure_future(pubsub.aclose())  # type: ignore[no-untyped-call]
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def _read(self) -> None:
         """Deliver messages: the subscribe confirmation, and wake-ups of local waiters."""
-        pubsub = self._pubsub
-        assert pubsub is not None
         while not self._closed:
+            pubsub = self._pubsub
+            if pubsub is None:  # dropped after a failure; the next waiter starts a reader
+                return
             try:
                 message = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:

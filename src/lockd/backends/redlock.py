@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from lockd.backends import redact_url
 from lockd.backends import redis as redis_backend
 from lockd.backends.base import Backend
 from lockd.backends.redis import RedisBackend, _holder, _not_held, undo_on_cancel
@@ -713,12 +714,11 @@ def parse_nodes(url: str) -> tuple[str, list[str]]:
     if len(nodes) < 3 or any(not h or ":" not in h for h in nodes):
         raise InvalidRequest(
             f"a RedLock URL names at least 3 nodes as host:port, e.g. "
-            f"redlock://h1:6379,h2:6379,h3:6379, not {redis_backend._redact(url)!r}"
+            f"redlock://h1:6379,h2:6379,h3:6379, not {redact_url(url)!r}"
         )
     if len(set(nodes)) != len(nodes):
         raise InvalidRequest("a RedLock URL names each node once")
     auth = f"{credentials}@" if credentials else ""
     tail = parts.path + (f"?{parts.query}" if parts.query else "")
     node_urls = [f"redis://{auth}{host}{tail}" for host in nodes]
-    shown = credentials.split(":", 1)[0] + ":***@" if ":" in credentials else auth
-    return f"redlock://{shown}{','.join(nodes)}{parts.path}", node_urls
+    return redact_url(f"redlock://{auth}{','.join(nodes)}{parts.path}"), node_urls
