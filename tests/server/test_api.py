@@ -155,6 +155,70 @@ def test_hostile_bodies_never_5xx(http: httpx.Client, raw: bytes) -> None:
     assert r.json()["error"] == "invalid"
 
 
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("op", ["release", "extend", "abandon"])
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"[1]", b"null", b'{"owner": 5}', b'{"owner": "a", "nope": 1}', b"[" * 5000]
+)
+def test_bad_bodies_to_every_lock_route_are_400(http: httpx.Client, op: str, raw: bytes) -> None:
+    acquire(http, "job", owner="a")
+    r = http.post(f"/v1/locks/job/{op}", content=raw, headers=JSON)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid"
+    assert r.json()["message"].startswith("malformed request: ")
+    assert [h["owner"] for h in http.get("/v1/locks/job").json()["holders"]] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/merge-patch+json"]
+)
+def test_other_json_content_types_are_served(http: httpx.Client, content_type: str) -> None:
+    body = b'{"ttl": 5, "owner": "a"}'
+    r = http.post("/v1/locks/job/acquire", content=body, headers={"content-type": content_type})
+    assert r.status_code == 200 and r.json()["owner"] == "a"
+    r = http.post("/v1/locks/job/release", content=b'{"owner": "a"}',
+                  headers={"content-type": content_type})  # fmt: skip
+    assert r.json()["released"] is True
+
+
+@pytest.mark.parametrize("headers", [{"content-type": "text/plain"}, {}])
+def test_body_that_is_not_json_is_400(http: httpx.Client, headers: dict[str, str]) -> None:
+    r = http.post("/v1/locks/job/acquire", content=b'{"ttl": 5}', headers=headers)
+    assert r.status_code == 400 and r.json()["error"] == "invalid"
+    assert http.get("/v1/locks/job").json()["holders"] == []
+
+
+def test_namespace_query_parameter(http: httpx.Client) -> None:
+    r = http.post("/v1/locks/job/acquire", params={"namespace": "team-a"}, json={"ttl": 5})
+    assert r.status_code == 200
+    assert http.get("/v1/locks/job").json()["holders"] == []
+    info = http.get("/v1/locks/job", params={"namespace": "team-a"}).json()
+    assert info["namespace"] == "team-a" and len(info["holders"]) == 1
+    r = http.post("/v1/locks/job/acquire", params={"namespace": "Bad!"}, json={"ttl": 5})
+    assert r.status_code == 400 and "namespace" in r.json()["message"]
+
+
+def test_wrong_method_on_a_lock_route_is_json_405(http: httpx.Client) -> None:
+    r = http.put("/v1/locks/job/acquire", json={"ttl": 5})
+    assert r.status_code == 405 and r.json()["error"] == "invalid"
+
+
+def test_openapi_describes_the_lock_routes_and_their_bodies(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    ops = {"acquire": "AcquireBody", "release": "ReleaseBody", "extend": "ExtendBody",
+           "abandon": "AbandonBody"}  # fmt: skip
+    for op, model in ops.items():
+        post = spec["paths"][f"/v1/locks/{{name}}/{op}"]["post"]
+        schema = post["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["$ref"] == f"#/components/schemas/{model}"
+        assert {p["name"] for p in post["parameters"]} == {"name", "namespace"}
+    acquire_body = spec["components"]["schemas"]["AcquireBody"]
+    assert acquire_body["required"] == ["ttl"]
+    assert set(acquire_body["properties"]) == {"owner", "ttl", "wait", "limit", "request_id"}
+
+
 def test_oversized_name_is_400(http: httpx.Client) -> None:
     r = acquire(http, "n" * 600)
     assert r.status_code == 400 and "name" in r.json()["message"]

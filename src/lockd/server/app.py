@@ -9,6 +9,11 @@ A waiting acquire is a bounded long-poll (``wait`` up to ``MAX_POLL`` seconds; t
 loops for longer). It races three things: the grant, the client disconnecting (it then
 leaves the queue at once, and a grant made meanwhile is given back), and the server
 draining for shutdown (answered 503 at once so the client retries elsewhere).
+
+The lock operations (acquire, release, extend, abandon) carry nearly all the traffic, so
+JSON requests to them skip FastAPI's request handling: ``_DirectRoute`` parses the body
+with its model and calls the same endpoint function. FastAPI still routes the rest, and
+documents every route in OpenAPI.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, get_type_hints
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from lockd.backends import Backend, connect
 from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
@@ -247,13 +256,18 @@ async def _lock_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.code, exc.message, **context)
 
 
-async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def _malformed(errors: Sequence[Any]) -> JSONResponse:
+    """400 naming each problem's field (``body`` when it is the body as a whole)."""
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in exc.errors()
+        for e in errors
     )
     return error_response("invalid", f"malformed request: {problems}")
+
+
+async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _malformed(exc.errors())
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -261,6 +275,44 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     response = error_response("not_found" if exc.status_code == 404 else "invalid", str(exc.detail))
     response.status_code = exc.status_code
     return response
+
+
+_LockEndpoint = Callable[[str, Any, Request, str], Awaitable[JSONResponse]]
+
+_DIRECT: tuple[_LockEndpoint, ...] = (acquire, release, abandon, extend)
+"""The endpoints ``_DirectRoute`` serves; each takes ``(name, body, request, namespace)``."""
+
+_JSON_CONTENT = (b"content-type", b"application/json")
+
+
+class _DirectRoute(Route):
+    """Serves JSON requests to a lock endpoint without FastAPI's request handling.
+
+    The body goes through the endpoint's own model; the response and the errors (via
+    the app's exception handlers) are the endpoint's. Requests with another content
+    type fall through to the FastAPI route, which applies its own content-type rules.
+    """
+
+    def __init__(self, declared: APIRoute) -> None:
+        endpoint: _LockEndpoint = declared.endpoint
+        model: type[BaseModel] = get_type_hints(endpoint)["body"]
+
+        async def handle(request: Request) -> Response:
+            try:
+                body = model.model_validate_json(await request.body())
+            except ValidationError as exc:
+                return _malformed(exc.errors())
+            namespace = request.query_params.get("namespace", DEFAULT_NAMESPACE)
+            return await endpoint(request.path_params["name"], body, request, namespace)
+
+        super().__init__(declared.path, handle, methods=declared.methods, include_in_schema=False)
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """Like the declared route, but only with a plain JSON content type."""
+        match, child_scope = super().matches(scope)
+        if match is Match.FULL and _JSON_CONTENT not in scope["headers"]:
+            return Match.NONE, {}
+        return match, child_scope
 
 
 def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
@@ -285,6 +337,13 @@ def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
     )
     app.state.draining = asyncio.Event()
     app.include_router(router)
+    # First in line, so lock requests also skip the documentation routes and FastAPI's
+    # routing through the included router.
+    app.router.routes[:0] = [
+        _DirectRoute(route)
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.endpoint in _DIRECT
+    ]
     app.add_exception_handler(LockError, _lock_error)
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
