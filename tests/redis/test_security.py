@@ -27,7 +27,7 @@ OPEN_LIMIT = 10.0
 
 SCRIPT_COMMANDS = (
     "time", "incr", "get", "set", "del", "hget", "hset", "hdel", "hgetall", "hkeys", "hlen",
-    "hvals", "lindex", "llen", "lpop", "lrange", "lrem", "rpush", "pexpire", "publish", "zadd",
+    "hvals", "lindex", "llen", "lpop", "lrange", "lrem", "rpush", "publish", "zadd",
     "zrange", "zrangebyscore", "zrem", "zremrangebyrank", "zscore",
 )  # fmt: skip
 """What lockd's Lua scripts call: Redis 7 checks those against the caller's ACL too."""

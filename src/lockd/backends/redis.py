@@ -327,14 +327,14 @@ class RedisBackend(Backend):
     async def _names(self, namespace: str, prefix: str) -> set[str]:
         """Names under ``prefix`` that have a resource record (held or waited for)."""
         head = f"lockd:{{{namespace}:"
-        tail = "}:limit"
-        pattern = _glob_escape(head + prefix) + "*" + _glob_escape(tail)
+        tails = ("}:holds", "}:queue")  # exist while a name is held or waited for
+        pattern = _glob_escape(head + prefix) + "*" + _glob_escape("}:") + "[hq][ou][le][du][se]"
         names: set[str] = set()
 
         async def scan() -> None:
             async for key in self._client().scan_iter(match=pattern, count=1000):
-                if key.startswith(head) and key.endswith(tail):
-                    names.add(key[len(head) : -len(tail)])
+                if key.startswith(head) and key.endswith(tails):
+                    names.add(key[len(head) : -len(tails[0])])
 
         await self._call(scan)
         return names

@@ -1,6 +1,6 @@
 """The Lua scripts of the ``redis://`` backend: one script per operation.
 
-Every script receives the same ten keys, all of one name and so all with one hash tag
+Every script receives the same nine keys, all of one name and so all with one hash tag
 (``lockd:{NAMESPACE:NAME}:...``), which keeps them in one Redis Cluster slot:
 
 ==========  =============================================================================
@@ -10,8 +10,8 @@ Every script receives the same ten keys, all of one name and so all with one has
 ``queue``   list of waiter ids (``owner<TAB>request_id``), FIFO
 ``waiters`` hash waiter id -> ``attempt|ttl_ms|enqueued_us|deadline_ms``
 ``wdead``   sorted set waiter id by deadline_ms: waiters that stop checking in drop out
-``req``     hash ``op<TAB>owner<TAB>request_id`` -> outcome (remembered request ids)
-``reqt``    sorted set of those fields by time, to forget them after REQ_KEEP_MS
+``req``     prefix of one string key per remembered request id,
+            ``req<TAB>op<TAB>owner<TAB>request_id`` -> outcome, expiring after REQ_KEEP_MS
 ``revoked`` sorted set of force-released tokens (the newest MAX_REVOKED kept)
 ``limit``   the resource's holder limit, kept while it has a holder or a waiter
 ==========  =============================================================================
@@ -51,7 +51,6 @@ KEY_SUFFIXES = (
     "waiters",
     "wdead",
     "req",
-    "reqt",
     "revoked",
     "limit",
 )
@@ -64,15 +63,14 @@ _KEYS_DOC = """\
 -- KEYS[4] queue    list of waiter ids "owner\\trequest_id", FIFO
 -- KEYS[5] waiters  hash waiter id -> attempt|ttl_ms|enqueued_us|deadline_ms
 -- KEYS[6] wdead    zset waiter id by deadline_ms
--- KEYS[7] req      hash "op\\towner\\trequest_id" -> remembered outcome
--- KEYS[8] reqt     zset of req fields by time remembered (ms)
--- KEYS[9] revoked  zset of force-released tokens
--- KEYS[10] limit   holder limit of the resource while it has holders or waiters
+-- KEYS[7] req      prefix of "req\\top\\towner\\trequest_id" keys -> outcome (expiring)
+-- KEYS[8] revoked  zset of force-released tokens
+-- KEYS[9] limit    holder limit of the resource while it holds or queues, if not 1
 """
 
 PRELUDE = r"""
 local K_HOLDS, K_HEXP, K_TOKEN, K_QUEUE, K_WAITERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_WDEAD, K_REQ, K_REQT, K_REVOKED, K_LIMIT = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_WDEAD, K_REQ, K_REVOKED, K_LIMIT = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local CHANNEL = ARGV[1]
 local REQ_KEEP_MS = 600000
 local MAX_REVOKED = 1000
@@ -80,6 +78,7 @@ local clock = redis.call('TIME')
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local now = math.floor(now_us / 1000)
 local woken = {}
+local n_holds, n_queue = 0, 0  -- sizes of holds and queue, as settle() left them
 
 local function get_hold(owner)
   local v = redis.call('HGET', K_HOLDS, owner)
@@ -121,25 +120,19 @@ local function del_waiter(id)
   redis.call('ZREM', K_WDEAD, id)
 end
 
+-- Remembered request ids: one expiring key each, under the name's hash tag.
+local function req_key(op, owner, rid)
+  return K_REQ .. '\t' .. op .. '\t' .. owner .. '\t' .. rid
+end
+
 local function remembered(op, owner, rid)
   if rid == '' then return nil end
-  local v = redis.call('HGET', K_REQ, op .. '\t' .. owner .. '\t' .. rid)
-  if not v then return nil end
-  return v
+  return redis.call('GET', req_key(op, owner, rid)) or nil
 end
 
 local function remember(op, owner, rid, value)
   if rid == '' then return end
-  local field = op .. '\t' .. owner .. '\t' .. rid
-  redis.call('HSET', K_REQ, field, value)
-  redis.call('ZADD', K_REQT, now, field)
-  local old = redis.call('ZRANGEBYSCORE', K_REQT, '-inf', now - REQ_KEEP_MS, 'LIMIT', 0, 100)
-  for _, f in ipairs(old) do
-    redis.call('HDEL', K_REQ, f)
-    redis.call('ZREM', K_REQT, f)
-  end
-  redis.call('PEXPIRE', K_REQ, REQ_KEEP_MS)
-  redis.call('PEXPIRE', K_REQT, REQ_KEEP_MS)
+  redis.call('SET', req_key(op, owner, rid), value, 'PX', REQ_KEEP_MS)
 end
 
 -- "token" or "token|waited_us|attempt" (a grant handed to a queued waiter)
@@ -170,37 +163,52 @@ local function current_limit()
   return tonumber(redis.call('GET', K_LIMIT) or '1') or 1
 end
 
--- Grant queued waiters in order while slots are free; forget an idle resource.
+-- Grant queued waiters in order while slots are free; forget an idle resource's limit.
+-- Leaves n_holds and n_queue set. (Each redis.call costs about a microsecond on top of
+-- its command, so an idle queue is looked at once.)
 local function settle()
-  local dead = redis.call('ZRANGEBYSCORE', K_WDEAD, '-inf', now)
-  for _, id in ipairs(dead) do del_waiter(id) end
-  local limit = current_limit()
-  while true do
-    local id = redis.call('LINDEX', K_QUEUE, 0)
-    if not id then break end
-    local w = get_waiter(id)
-    if not w then
-      redis.call('LPOP', K_QUEUE)
-    else
-      local h = get_hold(w.owner)
-      if not h and redis.call('HLEN', K_HOLDS) >= limit then break end
-      del_waiter(id)
-      if h then reenter(h, w.ttl) else h = new_hold(w.owner, w.ttl) end
-      remember('acquire', w.owner, w.rid,
-        string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt))
-      table.insert(woken, string.format('%s=%d,%d,%d,%d', w.attempt, h.token, h.count,
-        h.expires - now, now_us - w.enqueued))
+  n_queue = redis.call('LLEN', K_QUEUE)
+  n_holds = redis.call('HLEN', K_HOLDS)
+  if n_queue > 0 then
+    local dead = redis.call('ZRANGEBYSCORE', K_WDEAD, '-inf', now)
+    for _, id in ipairs(dead) do del_waiter(id) end
+    local limit = current_limit()
+    while true do
+      local id = redis.call('LINDEX', K_QUEUE, 0)
+      if not id then break end
+      local w = get_waiter(id)
+      if not w then
+        redis.call('LPOP', K_QUEUE)
+      else
+        local h = get_hold(w.owner)
+        if not h and n_holds >= limit then break end
+        del_waiter(id)
+        if h then
+          reenter(h, w.ttl)
+        else
+          h = new_hold(w.owner, w.ttl)
+          n_holds = n_holds + 1
+        end
+        remember('acquire', w.owner, w.rid,
+          string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt))
+        table.insert(woken, string.format('%s=%d,%d,%d,%d', w.attempt, h.token, h.count,
+          h.expires - now, now_us - w.enqueued))
+      end
     end
+    n_queue = redis.call('LLEN', K_QUEUE)
   end
-  if redis.call('HLEN', K_HOLDS) == 0 and redis.call('LLEN', K_QUEUE) == 0 then
-    redis.call('DEL', K_LIMIT)
-  end
+  if n_holds == 0 and n_queue == 0 then redis.call('DEL', K_LIMIT) end
 end
 
--- Drop holds whose expiry has come (Redis's clock), then settle.
-local function touch()
+-- Drop holds whose expiry has come (Redis's clock).
+local function expire()
   local gone = redis.call('ZRANGEBYSCORE', K_HEXP, '-inf', now)
   for _, owner in ipairs(gone) do del_hold(owner) end
+end
+
+-- Drop expired holds, then settle.
+local function touch()
+  expire()
   settle()
 end
 
@@ -237,8 +245,8 @@ local function find(owner, token)
   return nil, 'not_held'
 end
 
-local function grant_reply(h, waited_us)
-  return {'granted', h.token, h.count, h.expires - now, waited_us, current_limit()}
+local function grant_reply(h, waited_us, limit)
+  return {'granted', h.token, h.count, h.expires - now, waited_us, limit}
 end
 
 -- "owner (token N), ..." of the live holds, for a timeout's message
@@ -297,9 +305,10 @@ if rem then
   local h = get_hold(owner)
   if not h or h.token ~= tok then return finish({'lost', tok}) end
   if not waiting then waited = 0 end
-  return finish(grant_reply(h, waited))
+  return finish(grant_reply(h, waited, current_limit()))
 end
-local w = get_waiter(id)
+local w = nil
+if n_queue > 0 then w = get_waiter(id) end
 if waiting then
   if w and w.attempt == attempt then
     if mode == 'leave' then
@@ -315,10 +324,12 @@ if waiting then
   if mode == 'leave' then return finish({'gone', holders_text()}) end
   -- dropped from the queue (it missed its deadline): it queues again below
 end
-local busy = redis.call('HLEN', K_HOLDS) > 0 or redis.call('LLEN', K_QUEUE) > 0
-local have = tonumber(redis.call('GET', K_LIMIT) or '0')
-if busy and have and have > 0 and have ~= limit then return finish({'invalid', have}) end
-if not busy then redis.call('SET', K_LIMIT, limit) end
+if n_holds > 0 or n_queue > 0 then
+  local have = current_limit()
+  if have ~= limit then return finish({'invalid', have}) end
+elseif limit ~= 1 then
+  redis.call('SET', K_LIMIT, limit)
+end
 if w and mode == 'new' then  -- a retry of a queued request takes over its place
   table.insert(woken, w.attempt)
   w.attempt = attempt
@@ -330,12 +341,12 @@ local h = get_hold(owner)
 if h then
   reenter(h, ttl)
   remember('acquire', owner, rid, tostring(h.token))
-  return finish(grant_reply(h, 0))
+  return finish(grant_reply(h, 0, limit))
 end
-if redis.call('HLEN', K_HOLDS) < limit and redis.call('LLEN', K_QUEUE) == 0 then
+if n_holds < limit and n_queue == 0 then
   h = new_hold(owner, ttl)
   remember('acquire', owner, rid, tostring(h.token))
-  return finish(grant_reply(h, 0))
+  return finish(grant_reply(h, 0, limit))
 end
 if mode == 'try' then return finish({'denied', holders_text()}) end
 put_waiter({id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease})
@@ -355,9 +366,12 @@ RELEASE = _script(
 local owner, token, rid = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local rem = remembered('release', owner, rid)
 if rem then return {'ok', tonumber(rem)} end
-touch()
+expire()
 local h, why = find(owner, token)
-if not h then return finish({why}) end
+if not h then
+  settle()
+  return finish({why})
+end
 local left = drop_one(h)
 remember('release', owner, rid, tostring(left))
 settle()
@@ -380,7 +394,7 @@ if not h then return finish({why}) end
 h.ttl = ttl
 h.expires = now + ttl
 put_hold(h)
-return finish(grant_reply(h, 0))
+return finish(grant_reply(h, 0, current_limit()))
 """,
 )
 
