@@ -54,6 +54,7 @@ STATUS: dict[str, int] = {
     "revoked": 409,
     "unavailable": 503,
     "store_busy": 503,
+    "store_refused": 503,
     "lock_error": 500,
 }
 """HTTP status of each error code: the one place errors meet HTTP."""
