@@ -629,6 +629,14 @@ def redlock_section(args: argparse.Namespace) -> Json:
 # --- machine info and reports ---------------------------------------------------------------
 
 
+def git(*argv: str) -> str:
+    """The output of a git command in this repository ("" on failure)."""
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
 def machine_info() -> Json:
     """Cores, CPU model, Python, library versions, commit and load."""
     cpu_model = "unknown"
@@ -637,12 +645,6 @@ def machine_info() -> Json:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
-        )
-        return done.stdout.strip()
 
     return {
         "nproc": len(os.sched_getaffinity(0)),
@@ -755,6 +757,10 @@ def markdown_report(report: Json) -> str:
     """A short human-readable summary of the JSON report."""
     m, cfg = report["machine"], report["config"]
     dirty = " (+ uncommitted src/ changes)" if m["src_uncommitted_changes"] else ""
+    end = m.get("git_commit_at_end")
+    if end and (end != m["git_commit"] or m.get("src_uncommitted_changes_at_end")):
+        dirty += f" (at the end: {end}"
+        dirty += " + uncommitted src/ changes)" if m["src_uncommitted_changes_at_end"] else ")"
     pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     lines = [
         "# lockd on Redis against redis-py Lock, python-redis-lock and pottery",
@@ -776,8 +782,8 @@ def markdown_report(report: Json) -> str:
             f"{cfg['duration_s']} s measured, x {cfg['rounds']} rounds)",
             "",
             "| library | pairs/s | ratio to floor | p50 ms | p99 ms | client µs/pair "
-            "| Redis µs/pair | pairs/s per round | other CPU |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+            "| Redis µs/pair | pairs/s per round | best round | other CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
         for r in report["uncontended"]["rows"]:
             other = sum(x["other_cpu_cores"] for x in r["rounds"]) / len(r["rounds"])
@@ -786,7 +792,7 @@ def markdown_report(report: Json) -> str:
                 f"| {_fmt(r['latency']['p50_ms'], 3)} | {_fmt(r['latency']['p99_ms'], 3)} "
                 f"| {_fmt(r['client_cpu_us_per_pair'])} | {_fmt(r['redis_cpu_us_per_pair'])} "
                 f"| {', '.join(_fmt(x['pairs_per_s'], 0) for x in r['rounds'])} "
-                f"| {other:.2f} |"
+                f"| {_fmt(max(x['pairs_per_s'] for x in r['rounds']), 0)} | {other:.2f} |"
             )
     if "contended" in report:
         lines += [
@@ -929,6 +935,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"contended RedLock: {args.contenders} processes on one lock", flush=True)
         report["redlock"] = redlock_section(args)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    # Others may commit or edit src/ while this runs: what was measured is start .. end.
+    report["machine"]["git_commit_at_end"] = git("rev-parse", "--short", "HEAD") or None
+    report["machine"]["src_uncommitted_changes_at_end"] = bool(
+        git("status", "--porcelain", "--", "src")
+    )
     report["total_seconds"] = round(time.monotonic() - began, 1)
     json_path, md_path = write_reports(report, args.results)
     shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
