@@ -424,13 +424,9 @@ async def undo_on_cancel(
     """Await an acquire; if the caller is cancelled, run ``undo`` (an abandon) before
     passing the cancellation on: the request may be queued, granted or still on its way,
     and abandoning its request id undoes whichever it reached."""
-    task = asyncio.ensure_future(work)
     try:
-        return await asyncio.shield(task)
+        return await work  # cancelled in place: it sends nothing more once this raises
     except asyncio.CancelledError:
-        task.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await task  # the acquire has stopped sending before the undo goes out
         undoing = undo()
         if undoing is not None:
             future = asyncio.ensure_future(undoing)
