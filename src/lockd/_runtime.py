@@ -39,11 +39,20 @@ class _Shared:
     users: int
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (its loop iterations and thread wake-ups cost less), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class Runtime:
     """One event loop in a daemon thread, and the stores open in it."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self._thread = threading.Thread(target=self._run, name="lockd-io", daemon=True)
         self._stores: dict[str, _Shared] = {}
         self._opening: dict[str, asyncio.Lock] = {}
@@ -132,6 +141,11 @@ class Call(Generic[T]):
 
     ``give_back`` undoes a result that nobody will receive (an acquire's grant).
     ``finish`` keeps the coroutine running when its caller gives up (a release).
+
+    The coroutine starts when the caller asks for the result. The handoff is kept light
+    because every SDK call makes it: one task in the I/O loop, and one wake-up of the
+    caller (a released lock, or a future set in its loop), set up before the call starts
+    so that the caller does nothing but wait once it has started it.
     """
 
     def __init__(
@@ -143,69 +157,98 @@ class Call(Generic[T]):
         finish: bool = False,
     ) -> None:
         self._rt = rt
+        self._coro = coro
         self._give_back = give_back
         self._finish = finish
-        self._guard = threading.Lock()
+        self._guard = threading.Lock()  # the fields below, shared by caller and I/O thread
         self._abandoned = False
-        self._delivered: T = _MISSING
-        self._task: asyncio.Task[T] | None = None
+        self._done = False
+        """The outcome is recorded (``_result`` or ``_error``)."""
+        self._settled = False
+        """Nothing of the call runs any more in the I/O loop."""
+        self._result: T = _MISSING
+        self._error: BaseException | None = None
+        self._wake: Callable[[], object] = _nothing
+        self._on_settled: Callable[[], object] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
         self._cancel_early = False
-        self.future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self.settled: concurrent.futures.Future[None] = concurrent.futures.Future()
-        """Done once nothing of the call runs any more in the I/O loop."""
-        rt.loop.call_soon_threadsafe(self._start, coro)
 
-    def _start(self, coro: Coroutine[Any, Any, T]) -> None:
-        if self._cancel_early:
-            coro.close()
-            self.future.cancel()
-            self.settled.set_result(None)
+    # --- in the I/O loop --------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._task = self._rt.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        # The outcome is handed over here rather than in a done callback: one loop pass less.
+        if self._cancel_early:  # abandoned before the task began
+            self._coro.close()
+            self._finished(_MISSING, asyncio.CancelledError())
             return
-        self._task = self._rt.loop.create_task(self._run(coro))
-        self._task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[T]) -> None:
-        if task.cancelled():
-            self.future.cancel()
-        elif (error := task.exception()) is not None:
-            self.future.set_exception(error)
+        self._running = True
+        try:
+            result = await self._coro
+        except BaseException as exc:  # the call's own error (or cancellation) is its outcome
+            self._finished(_MISSING, exc)
         else:
-            self.future.set_result(task.result())
-        self.settled.set_result(None)
+            self._finished(result, None)
+
+    def _finished(self, result: T, error: BaseException | None) -> None:
+        with self._guard:
+            undo = self._abandoned and error is None and self._give_back is not None
+            self._result, self._error, self._done = result, error, True
+            self._settled = not undo
+            wake, on_settled = self._wake, self._on_settled
+        if undo:
+            assert self._give_back is not None
+            task = self._rt.loop.create_task(_ignore_errors(self._give_back(result)))
+            task.add_done_callback(self._undone)
+            return
+        wake()
+        if on_settled is not None:
+            on_settled()
+
+    def _undone(self, _: object) -> None:
+        with self._guard:
+            self._settled = True
+            on_settled = self._on_settled
+        if on_settled is not None:
+            on_settled()
 
     def _cancel(self) -> None:
-        if self._task is None:
-            self._cancel_early = True
-        else:
+        if self._running and self._task is not None:
             self._task.cancel()
+        else:
+            self._cancel_early = True
 
-    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        result = await coro
-        with self._guard:
-            if not self._abandoned:
-                self._delivered = result
-                return result
-        if self._give_back is not None:
-            await self._give_back(result)
-        return result
+    # --- in the caller ----------------------------------------------------------------
+
+    def _outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._result
 
     def abandon(self) -> None:
         """The caller stops waiting: cancel the call, or give back what it already got."""
         with self._guard:
             self._abandoned = True
-            delivered = self._delivered
+            done, result, error = self._done, self._result, self._error
         if self._finish:
             return
-        if delivered is not _MISSING:
-            if self._give_back is not None:
-                self._rt.submit(_ignore_errors(self._give_back(delivered)))
-        else:
+        if not done:
             self._rt.loop.call_soon_threadsafe(self._cancel)
+        elif error is None and self._give_back is not None:
+            self._rt.submit(_ignore_errors(self._give_back(result)))
 
     def result(self) -> T:
         """Block this thread for the result (Ctrl-C abandons the call safely)."""
+        signal = threading.Lock()
+        signal.acquire()
+        self._wake = signal.release
         try:
-            return self.future.result()
+            self._rt.loop.call_soon_threadsafe(self._start)
+            signal.acquire()  # until the I/O thread releases it
+            return self._outcome()
         except BaseException:
             self.abandon()  # a no-op when the call itself raised
             raise
@@ -216,13 +259,42 @@ class Call(Generic[T]):
         A cancelled caller waits (up to ``CLEANUP_WAIT``) for the call to wind down, so
         that when its cancellation returns, a waiter it had queued has left the queue.
         """
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._wake = _waker(loop, waiter)
         try:
-            return await asyncio.shield(asyncio.wrap_future(self.future))
+            self._rt.loop.call_soon_threadsafe(self._start)
+            await waiter
+            return self._outcome()
         except asyncio.CancelledError:
             self.abandon()
             if not self._finish:
-                await asyncio.wait({asyncio.wrap_future(self.settled)}, timeout=CLEANUP_WAIT)
+                settled = loop.create_future()
+                with self._guard:
+                    if self._settled:
+                        settled.set_result(None)
+                    else:
+                        self._on_settled = _waker(loop, settled)
+                await asyncio.wait({settled}, timeout=CLEANUP_WAIT)
             raise
+
+
+def _waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Callable[[], None]:
+    """A function any thread can call to complete ``future`` in its own ``loop``."""
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def wake() -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(resolve)
+
+    return wake
+
+
+def _nothing() -> None:
+    return
 
 
 async def _ignore_errors(awaitable: Awaitable[object]) -> None:

@@ -7,21 +7,24 @@ The deadline is measured from before the request that set it was sent (plus the 
 the store says the request waited in its queue), less a drift margin, so the SDK never
 believes in a hold the store has already dropped. No wall clock is used.
 
-The watchdog renews at about ttl/3. A failed renewal moves the hold to ``at_risk`` and
-is retried with backoff until the local deadline; then the hold is ``lost``. A store
-answer that the hold is gone ends it at once (``lost``, or ``revoked`` after a
-force-release). Ending sets the ``lost`` event and calls the listeners; the next
-acquire, extend or release of that hold raises. Release stops renewal before it is sent.
+The watchdog renews at about ttl/3: a timer until then, and a task only while a renewal
+is in flight, so a short hold costs one timer set and cancelled. A failed renewal moves
+the hold to ``at_risk`` and is retried with backoff until the local deadline; then the
+hold is ``lost``. A store answer that the hold is gone ends it at once (``lost``, or
+``revoked`` after a force-release). Ending sets the ``lost`` event and calls the
+listeners; the next acquire, extend or release of that hold raises. Release stops
+renewal before it is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -43,6 +46,28 @@ RETRY_MAX = 1.0
 T = TypeVar("T")
 Listener = Callable[["HoldState"], None]
 _ENDED = (LockState.LOST, LockState.REVOKED, LockState.RELEASED)
+_LOSSES = (LockState.LOST, LockState.REVOKED)
+_lost_guard = threading.Lock()  # a hold's state against the creation of its ``lost`` event
+
+
+class _RequestIds:
+    """Request ids no other request carries: a random prefix and a count (cheaper than
+    a uuid4 per call). A forked child draws a new prefix."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        """Start afresh with a new random prefix."""
+        self.prefix = os.urandom(8).hex()
+        self.count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}-{next(self.count)}"
+
+
+_request_id = _RequestIds()
+os.register_at_fork(after_in_child=_request_id.renew)
 
 
 class HoldState:
@@ -56,10 +81,13 @@ class HoldState:
         self.count = grant.count
         self.state = LockState.HELD
         self.reason = ""
-        self.lost = threading.Event()
+        self._lost: threading.Event | None = None
         self.listeners: list[Listener] = []
         self.renew = True
+        self.timer: asyncio.TimerHandle | None = None
+        """Starts the next renewal (or, with renewal off, the ttl check)."""
         self.renewer: asyncio.Task[None] | None = None
+        """The renewal in flight, if any."""
         self.deadline = 0.0
         self.renew_at = 0.0
         self.lease(anchor, grant.ttl)
@@ -68,6 +96,31 @@ class HoldState:
         """Record that the store granted ``ttl_left`` seconds as of ``anchor``."""
         self.deadline = max(self.deadline, anchor + ttl_left * (1 - DRIFT))
         self.renew_at = anchor + self.ttl * RENEW_FRACTION
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set once the hold is lost or revoked (made on first use: most holds never ask)."""
+        with _lost_guard:
+            if self._lost is None:
+                self._lost = threading.Event()
+                if self.state in _LOSSES:
+                    self._lost.set()
+            return self._lost
+
+    def lose(self, state: LockState, reason: str) -> None:
+        """Record that the hold was lost or revoked, and set ``lost``."""
+        self.reason = reason
+        with _lost_guard:
+            self.state = state
+            lost = self._lost
+        if lost is not None:
+            lost.set()
+
+    def disarm(self) -> None:
+        """Cancel the timer of the next renewal (or ttl check), if set."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     @property
     def ended(self) -> bool:
@@ -125,12 +178,12 @@ class Session:
         if known is not None and known.ended and known.count > 0:
             raise known.error()  # nested code must not go on as if it still held
         sent = time.monotonic()
-        request_id = uuid.uuid4().hex
+        rid = _request_id()
 
         def attempt() -> Awaitable[Grant]:
             left = None if wait is None else max(0.0, sent + wait - time.monotonic())
             return self.backend.acquire(self.namespace, name, owner, ttl=ttl, wait=left,
-                                        limit=limit, request_id=request_id)  # fmt: skip
+                                        limit=limit, request_id=rid)  # fmt: skip
 
         grant = await _retrying(attempt, None if wait is None else sent + max(wait, RETRY_MAX))
         # No await below: a cancellation must not land between the grant and its record.
@@ -147,7 +200,7 @@ class Session:
             hold.renew = renew
             with self._guard:
                 self._holds[(name, owner)] = hold
-            hold.renewer = asyncio.get_running_loop().create_task(self._watch(hold))
+            self._watch(hold)
         if listener is not None and listener not in hold.listeners:
             hold.listeners.append(listener)
         return hold
@@ -165,10 +218,10 @@ class Session:
         if hold is not None and hold.count <= 1:
             await self._stop_renewal(hold)  # renewal stops before the release is sent
         token = hold.token if hold is not None else None
-        request_id = uuid.uuid4().hex
+        rid = _request_id()
         try:
             left = await _retrying(
-                lambda: self.backend.release(self.namespace, name, owner, token, request_id),
+                lambda: self.backend.release(self.namespace, name, owner, token, rid),
                 hold.deadline if hold is not None else time.monotonic() + RETRY_MAX,
             )
         except NotHeld as exc:
@@ -182,8 +235,8 @@ class Session:
             if left == 0:
                 hold.state = LockState.RELEASED
                 self._forget(hold)
-            elif hold.renewer is None or hold.renewer.done():
-                hold.renewer = asyncio.get_running_loop().create_task(self._watch(hold))
+            else:
+                self._watch(hold)
         return left
 
     async def extend(self, name: str, owner: str, ttl: float) -> HoldState | None:
@@ -206,6 +259,9 @@ class Session:
             hold.deadline = 0.0
             hold.lease(sent, grant.ttl)
             hold.state = LockState.HELD
+            if hold.timer is not None:  # the next renewal is due at another time now
+                hold.disarm()
+                self._watch(hold)
         return hold
 
     async def close(self, release: bool = True) -> None:
@@ -232,18 +288,35 @@ class Session:
 
     # --- the watchdog -----------------------------------------------------------------
 
-    async def _watch(self, hold: HoldState) -> None:
+    def _watch(self, hold: HoldState) -> None:
+        """Set the timer for the hold's next renewal (or ttl check), unless one is set."""
+        if hold.ended or hold.timer is not None:
+            return
+        if hold.renewer is not None and not hold.renewer.done():
+            return  # the renewal in flight sets the next timer
+        due = hold.renew_at if hold.renew else hold.deadline
+        delay = max(0.0, due - time.monotonic())
+        hold.timer = asyncio.get_running_loop().call_later(delay, self._due, hold)
+
+    def _due(self, hold: HoldState) -> None:
+        hold.timer = None
+        if hold.ended:
+            return
+        if hold.renew:
+            hold.renewer = asyncio.get_running_loop().create_task(self._renewal(hold))
+        elif time.monotonic() >= hold.deadline:
+            self._end(hold, LockState.LOST, "its ttl ran out (renewal was off)")
+        else:  # extended meanwhile
+            self._watch(hold)
+
+    async def _renewal(self, hold: HoldState) -> None:
         me = asyncio.current_task()
+        await self._renew(hold)
         # Stopping sets ``hold.renewer`` to None before cancelling, so even a cancellation
-        # lost inside an awaited call cannot keep this loop going.
-        while not hold.ended and hold.renewer is me:
-            if not hold.renew:
-                await asyncio.sleep(max(0.0, hold.deadline - time.monotonic()))
-                if time.monotonic() >= hold.deadline:
-                    self._end(hold, LockState.LOST, "its ttl ran out (renewal was off)")
-                continue
-            await asyncio.sleep(max(0.0, hold.renew_at - time.monotonic()))
-            await self._renew(hold)
+        # lost inside an awaited call cannot set another timer.
+        if hold.renewer is me:
+            hold.renewer = None
+            self._watch(hold)
 
     async def _renew(self, hold: HoldState) -> None:
         backoff = RETRY_FIRST
@@ -279,6 +352,7 @@ class Session:
             return
 
     async def _stop_renewal(self, hold: HoldState) -> None:
+        hold.disarm()
         task, hold.renewer = hold.renewer, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -288,16 +362,15 @@ class Session:
     def _end(self, hold: HoldState, state: LockState, reason: str) -> None:
         if hold.ended:
             return
-        hold.state = state
-        hold.reason = reason
+        hold.lose(state, reason)
         log.warning("lock %r (owner %s, token %d) %s: %s",
                     hold.name, hold.owner, hold.token, state.value, reason)  # fmt: skip
-        hold.lost.set()
         for listener in hold.listeners:
             try:
                 listener(hold)
             except Exception:
                 log.exception("on_lost listener of %r failed", hold.name)
+        hold.disarm()
         if hold.renewer is not None and hold.renewer is not asyncio.current_task():
             hold.renewer.cancel()
 
