@@ -83,6 +83,8 @@ RETRY_DELAY = (0.005, 0.05)
 """Bounds of the random pause, in seconds, before a failed attempt is tried again."""
 SPLIT_RECHECK = (0.002, 0.02)
 """Bounds of the random pause before a suspected split is looked at again."""
+DELIVERY_GRACE = 0.002
+"""Seconds a waiter that got some nodes' grants by message waits for the rest's."""
 WAITER_LEASE_MS = round(redis_backend.WAITER_LEASE * 1000)
 MAX_REMEMBERED = 4096
 """Request ids whose attempts (rounds) this process remembers, for abandon and retries."""
@@ -332,7 +334,14 @@ class RedlockBackend(Backend):
                 continue
             looked_again = False
             await self._pause(rnd, ttl, end, woken)
-            self._take_delivered(rnd)
+            if self._take_delivered(rnd) and len(rnd.grants) < need:
+                # The other nodes' messages of the same release are likely on their way:
+                # waiting a moment for them beats asking those nodes again.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DELIVERY_GRACE):
+                        await woken.wait()
+                woken.clear()
+                self._take_delivered(rnd)
             if len(rnd.grants) >= need:
                 continue
             if end is not None and time.monotonic() >= end:
@@ -389,18 +398,22 @@ class RedlockBackend(Backend):
             if status == "lost":
                 rnd.lost_token = max(int(reply[1]), rnd.lost_token or 0)
 
-    def _take_delivered(self, rnd: _Round) -> None:
-        """Count the grants that nodes sent by message, without asking them again."""
+    def _take_delivered(self, rnd: _Round) -> int:
+        """Count the grants that nodes sent by message, without asking them again.
+        Returns how many were taken."""
+        taken = 0
         for i in self._pending(rnd):
             reply = self._nodes[i]._delivered.pop(rnd.attempt, None)
             if reply is None or rnd.reused:  # a retry's queue time may predate the round
                 continue
+            taken += 1
             # The node queued us after this round's first request left, and the message
             # says how long (by its clock) it kept us queued: a lower bound on when.
             granted_at = rnd.started + int(reply[4]) / 1_000_000
             rnd.grants[i] = _NodeGrant(int(reply[1]), int(reply[2]),
                                        granted_at + int(reply[3]) / 1000)  # fmt: skip
             rnd.holders.pop(i, None)
+        return taken
 
     def _pending(self, rnd: _Round) -> list[int]:
         return [i for i in range(len(self._nodes)) if i not in rnd.grants]
