@@ -353,20 +353,21 @@ class RedisBackend(Backend):
 
     async def _listen(self, confirm_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
         """Subscribe to our inbox (once) and wait up to ``confirm_timeout`` for Redis's OK."""
-        if self._listening is None:
-            self._listening = asyncio.get_running_loop().create_future()
+        listening = self._listening
+        if listening is None:
+            listening = self._listening = asyncio.get_running_loop().create_future()
             if self._pubsub is None:
                 self._pubsub = self._client().pubsub()
             pubsub = self._pubsub
             try:
                 await self._call(lambda: pubsub.subscribe(self._channel))
             except BaseException:
-                self._listening = None
-                self._drop_pubsub()  # the next waiter starts on a fresh connection
+                if self._listening is listening:
+                    self._listening = None
+                    self._drop_pubsub()  # the next waiter starts on a fresh connection
                 raise
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.ensure_future(self._read())
-        listening = self._listening
         if not listening.done():
             with contextlib.suppress(TimeoutError):  # the bounded re-check covers a lost OK
                 async with asyncio.timeout(confirm_timeout):
