@@ -5,7 +5,6 @@ A backend joins the conformance suite by adding one entry to ``STORES``.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lockd
-from tests.redisproc import RedisProcess, running_redis, start_redis
+from tests.redisproc import RedisProcess, running_redis, running_redis_nodes
 from tests.serverproc import running_server
 
 StoreFactory = Callable[[Path], AbstractContextManager[str]]
@@ -33,20 +32,6 @@ def _redis(tmp: Path) -> Iterator[str]:
     del tmp
     with running_redis() as server:
         yield server.url
-
-
-@contextmanager
-def running_redis_nodes(count: int) -> Iterator[list[RedisProcess]]:
-    """``count`` independent redis-servers (RedLock nodes), all stopped and removed after."""
-    servers: list[RedisProcess] = []
-    try:
-        for _ in range(count):
-            servers.append(start_redis())
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
-            shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @pytest.fixture

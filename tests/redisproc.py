@@ -187,11 +187,26 @@ def running_redis(*extra: str, tls: TlsFiles | None = None) -> Iterator[RedisPro
         shutil.rmtree(server.folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def running_redis_nodes(count: int, *extra: str) -> Iterator[list[RedisProcess]]:
+    """``count`` independent redis-servers (RedLock nodes), all stopped and removed after."""
+    servers: list[RedisProcess] = []
+    try:
+        for _ in range(count):
+            servers.append(start_redis(*extra))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.folder, ignore_errors=True)
+
+
 __all__ = [
     "RedisProcess",
     "TlsFiles",
     "make_tls_files",
     "redis_server_binary",
     "running_redis",
+    "running_redis_nodes",
     "start_redis",
 ]
