@@ -25,13 +25,16 @@ Waiters are not persisted: they are live calls of the process that died.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import fcntl
 import os
+import queue
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lockd._core import Changes, Hold, Key, RequestKey
 from lockd.backends.memory import Clock, LocalBackend
@@ -52,14 +55,16 @@ CREATE TABLE IF NOT EXISTS names (
     PRIMARY KEY (namespace, name)
 );
 CREATE TABLE IF NOT EXISTS revoked (token INTEGER PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS requests (
+CREATE TABLE IF NOT EXISTS request_log (
     op TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
-    request_id TEXT NOT NULL, value INTEGER NOT NULL,
-    PRIMARY KEY (op, namespace, name, owner, request_id)
+    request_id TEXT NOT NULL, value INTEGER NOT NULL
 );
 """
+# The answers to request ids are an append-only log (one B-tree to touch per commit, no
+# key index); the restore reads it in order, so a later row for a request id wins.
 KEPT_REQUESTS = 100_000
 SYNC_MODES = ("full", "normal")
+OnDurable = Callable[[BackendUnavailable | None], None]
 
 
 class FileBackend(LocalBackend):
@@ -92,11 +97,12 @@ class FileBackend(LocalBackend):
         except OSError as exc:
             raise BackendUnavailable(f"cannot create file store at {self.path}: {exc}") from exc
         self._lock_fd = _take_process_lock(self.path / "lockd.lock")
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lockd-file")
-        self._batch: list[Changes] = []
-        self._batch_done: asyncio.Future[None] | None = None
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._serve_jobs, name="lockd-file", daemon=True)
+        self._batch: list[tuple[Changes, OnDurable]] = []
         self._writing = False
-        self._last_done: asyncio.Future[None] | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
         try:
             self._db = sqlite3.connect(
                 self.path / "lockd.db", isolation_level=None, check_same_thread=False
@@ -106,9 +112,9 @@ class FileBackend(LocalBackend):
             self._db.executescript(SCHEMA)
             self._restore()
         except BaseException:
-            self._writer.shutdown()
             os.close(self._lock_fd)
             raise
+        self._writer.start()
 
     def _restore(self) -> None:
         db = self._db
@@ -125,45 +131,75 @@ class FileBackend(LocalBackend):
             )
         ]
         revoked = [int(t) for (t,) in db.execute("SELECT token FROM revoked ORDER BY token")]
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone():
+            # A store written before the log: its keyed table becomes the log's start.
+            db.executescript(
+                "BEGIN; INSERT INTO request_log SELECT op, namespace, name, owner, request_id,"
+                " value FROM requests ORDER BY rowid; DROP TABLE requests; COMMIT;"
+            )
         db.execute(
-            "DELETE FROM requests WHERE rowid <= (SELECT max(rowid) FROM requests) - ?",
+            "DELETE FROM request_log WHERE rowid <= (SELECT max(rowid) FROM request_log) - ?",
             (KEPT_REQUESTS,),
         )
-        requests: list[tuple[RequestKey, int]] = [
-            ((op, ns, name, owner, rid), int(value))
-            for op, ns, name, owner, rid, value in db.execute(
-                "SELECT op, namespace, name, owner, request_id, value FROM requests ORDER BY rowid"
-            )
-        ]
-        self._table.restore(holds, last_token, revoked, requests, self._clock(), names)
+        requests: dict[RequestKey, int] = {}
+        for op, ns, name, owner, rid, value in db.execute(
+            "SELECT op, namespace, name, owner, request_id, value FROM request_log ORDER BY rowid"
+        ):
+            key = (op, ns, name, owner, rid)
+            requests.pop(key, None)  # the later answer is also the more recent one
+            requests[key] = int(value)
+        self._table.restore(
+            holds, last_token, revoked, list(requests.items()), self._clock(), names
+        )
 
-    def _persist(self, changes: Changes) -> asyncio.Future[None]:
-        """Queue ``changes`` for the next transaction; the future completes at its commit."""
-        if self._batch_done is None:
-            self._batch_done = self._last_done = asyncio.get_running_loop().create_future()
-        done = self._batch_done
-        self._batch.append(changes)
+    def _persist(self, changes: Changes, on_durable: OnDurable) -> None:
+        """Queue ``changes`` for the next transaction; ``on_durable`` runs at its commit."""
+        self._batch.append((changes, on_durable))
         if not self._writing:
             self._write_next()
-        return done
 
     def _write_next(self) -> None:
-        batch, done = self._batch, self._batch_done
-        self._batch, self._batch_done = [], None
-        assert done is not None
+        batch, self._batch = self._batch, []
+        if self._failure is not None:  # nothing more is written: it builds on what was lost
+            self._written(batch, self._failure)
+            return
         self._writing = True
-        written = asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch)
-        written.add_done_callback(lambda f: self._written(f, done))
+        self._drained.clear()
+        self._submit(lambda: self._write([changes for changes, _ in batch]),
+                     lambda failure: self._written(batch, failure))  # fmt: skip
 
-    def _written(self, written: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+    def _written(
+        self, batch: list[tuple[Changes, OnDurable]], failure: BackendUnavailable | None
+    ) -> None:
         self._writing = False
-        failure = written.exception()
-        if failure is None:
-            done.set_result(None)
-        else:
-            done.set_exception(failure)
+        if failure is not None and self._failure is None:
+            self._out_of_service(failure)
+        for _, on_durable in batch:
+            on_durable(failure)
         if self._batch:
             self._write_next()
+        else:
+            self._drained.set()
+
+    def _submit(self, work: Callable[[], object], then: OnDurable) -> None:
+        """Run ``work`` in the writer thread, then ``then`` with its failure in the loop."""
+        loop = asyncio.get_running_loop()
+
+        def job() -> None:
+            failure = None
+            try:
+                work()
+            except Exception as exc:  # any error: the thread must live on to report it
+                failure = BackendUnavailable(f"file store {self.path} failed: {exc}")
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to tell
+                loop.call_soon_threadsafe(then, failure)
+
+        self._jobs.put(job)
+
+    def _serve_jobs(self) -> None:
+        """The writer thread: run jobs in order until told to stop."""
+        while (job := self._jobs.get()) is not None:
+            job()
 
     def _write(self, batch: list[Changes]) -> None:
         """One transaction for every step of the batch (runs in the writer thread).
@@ -179,32 +215,41 @@ class FileBackend(LocalBackend):
         gone = [key for key, hold in holds.items() if hold is None]
         kept = [(*key, h.token, h.count, h.ttl, h.limit, h.acquired_at)
                 for key, h in holds.items() if h is not None]  # fmt: skip
+        revoked = [(t,) for changes in batch for t in changes.revoked]
+        requests = [(*key, value) for changes in batch for key, value in changes.requests]
+        writes: list[tuple[str, list[tuple[Any, ...]]]] = [
+            ("DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?", gone),
+            ("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)", kept),
+            ("INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
+             [(*key, token) for key, token in names.items()]),
+            ("INSERT OR IGNORE INTO revoked VALUES (?)", revoked),
+            ("INSERT INTO request_log VALUES (?, ?, ?, ?, ?, ?)", requests),
+        ]  # fmt: skip
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?", gone)
-            db.executemany("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)", kept)
-            db.executemany("INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
-                           [(*key, token) for key, token in names.items()])  # fmt: skip
-            db.executemany("INSERT OR IGNORE INTO revoked VALUES (?)",
-                           [(t,) for changes in batch for t in changes.revoked])  # fmt: skip
-            db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?)",
-                           [(*key, value) for changes in batch
-                            for key, value in changes.requests])  # fmt: skip
+            for sql, rows in writes:
+                if rows:  # each call costs even with no rows
+                    db.executemany(sql, rows)
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            raise BackendUnavailable(f"file store {self.path} failed to write: {exc}") from exc
+            raise
 
     async def ping(self) -> None:
         """Check the database answers."""
         self._check()
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._writer, self._db.execute, "SELECT 1")
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"file store {self.path}: {exc}") from exc
+        answered: asyncio.Future[BackendUnavailable | None] = self._loop().create_future()
+
+        def answer(failure: BackendUnavailable | None) -> None:
+            if not answered.done():  # the caller may have left
+                answered.set_result(failure)
+
+        self._submit(lambda: self._db.execute("SELECT 1"), answer)
+        failure = await answered
+        if failure is not None:
+            raise failure
 
     async def aclose(self) -> None:
         """Close the database and let another process open the store."""
@@ -215,9 +260,9 @@ class FileBackend(LocalBackend):
             with contextlib.suppress(BackendUnavailable):
                 await self._durably(None, lambda: (None, self._table.expire(self._clock())))
         await super().aclose()
-        if self._last_done is not None:  # batches commit in order: the last one ends them all
-            await asyncio.gather(self._last_done, return_exceptions=True)
-        self._writer.shutdown()
+        await self._drained.wait()
+        self._jobs.put(None)
+        self._writer.join()  # at once: every write has been answered
         self._db.close()
         os.close(self._lock_fd)
         self._lock_fd = -1

@@ -4,12 +4,12 @@ The :class:`~lockd._core.LockTable` decides; this module makes its decisions dur
 (through ``_persist``) and delivers them with asyncio futures.
 
 Every operation is one *step*: a synchronous call into the table, whose changes and
-handoffs are captured at once; ``_persist(changes)`` returns a future that completes
-when they are durable, and only then are the handoffs delivered (by a callback on that
-future, so it happens even if the caller is cancelled) and the caller answered. A
-caller that leaves before that gives back what the step granted it. The memory store
-persists nothing and skips all that; the file store batches the changes of every step
-waiting on it into one transaction.
+handoffs are captured at once; ``_persist(changes, on_durable)`` calls back when they
+are durable, and only then are the handoffs delivered (by that callback, so it happens
+even if the caller is cancelled) and the caller answered. A caller that leaves before
+that gives back what the step granted it. The memory store persists nothing and skips
+all that; the file store batches the changes of every step waiting on it into one
+transaction.
 
 A blocked acquire waits on its own future, which a release, expiry or force-release
 resolves directly (a *handoff*), so waiters wake without polling. A timer per waited-on
@@ -187,27 +187,49 @@ class LocalBackend(Backend):
         A caller cancelled while the changes are written gets nothing: ``undo`` gives
         back what the step granted it.
         """
-        outcome, error, durable = self._run_step(key, step)
+        outcome, error, handoffs, changes = self._take_step(step)
         result = cast("T", outcome)  # a step that did not raise returned a result
-        if durable is not None:
-            try:
-                await asyncio.shield(durable)
-            except asyncio.CancelledError:
-                if undo is not None and error is None:
-                    durable.add_done_callback(lambda f: _succeeded(f) and undo(result))
-                raise
+        if changes is None:
+            self._announce(key, handoffs)
+        else:
+            durable: asyncio.Future[BackendUnavailable | None] = self._loop().create_future()
+
+            def on_durable(failure: BackendUnavailable | None) -> None:
+                if failure is None:
+                    self._announce(key, handoffs)
+                if not durable.done():
+                    durable.set_result(failure)
+                elif failure is None and error is None and undo is not None:
+                    undo(result)  # the caller was cancelled meanwhile
+
+            self._persist(changes, on_durable)
+            failure = await durable
+            if failure is not None:
+                raise failure
         if error is not None:
             raise error
         return result
 
-    def _run_step(
-        self, key: Key | None, step: Step[T]
-    ) -> tuple[T | None, Exception | None, asyncio.Future[None] | None]:
-        """Run ``step`` synchronously (so it is atomic) and start making it durable.
+    def _run_step(self, key: Key | None, step: Step[object]) -> None:
+        """Run ``step`` for nobody in particular; its handoffs go out once it is durable."""
+        _, _, handoffs, changes = self._take_step(step)
+        if changes is None:
+            self._announce(key, handoffs)
+        else:
 
-        Returns its result or error, and the future of its durability (None when
-        nothing needs persisting). Its handoffs are delivered once it is durable, by a
-        callback, so that happens even if nobody awaits the future.
+            def on_durable(failure: BackendUnavailable | None) -> None:
+                if failure is None:
+                    self._announce(key, handoffs)
+
+            self._persist(changes, on_durable)
+
+    def _take_step(
+        self, step: Step[T]
+    ) -> tuple[T | None, Exception | None, list[Handoff], Changes | None]:
+        """Run ``step`` synchronously (so it is atomic).
+
+        Returns its result or error, its handoffs, and the changes to persist before
+        anyone hears of them (None when there are none).
         """
         result: T | None = None
         error: Exception | None = None
@@ -220,34 +242,21 @@ class LocalBackend(Backend):
         handoffs = [*handoffs, *self._table.take_handoffs()]
         if not self._persistent:
             self._table.drop_changes()
-            self._announce(key, handoffs)
-            return result, error, None
+            return result, error, handoffs, None
         changes = self._table.take_changes()
-        if not changes:
-            self._announce(key, handoffs)
-            return result, error, None
-        durable = self._persist(changes)
-        durable.add_done_callback(lambda f: self._announce_durable(f, key, handoffs))
-        return result, error, durable
-
-    def _announce_durable(
-        self, durable: asyncio.Future[None], key: Key | None, handoffs: list[Handoff]
-    ) -> None:
-        failure = durable.exception()
-        if isinstance(failure, BackendUnavailable):
-            # Memory is now ahead of the disk: refuse everything rather than guess.
-            self._failure = failure
-            self._fail_waiters(failure)
-        elif failure is None:
-            self._announce(key, handoffs)
+        return result, error, handoffs, changes if changes else None
 
     def _announce(self, key: Key | None, handoffs: list[Handoff]) -> None:
         self._deliver(handoffs)
         if key is not None:
             self._arm_timer(key)
 
-    def _persist(self, changes: Changes) -> asyncio.Future[None]:
-        """Start making ``changes`` durable; the future completes when they are."""
+    def _persist(
+        self, changes: Changes, on_durable: Callable[[BackendUnavailable | None], None]
+    ) -> None:
+        """Start making ``changes`` durable; call ``on_durable`` (in the event loop) once
+        they are, with None, or with the failure that took the store out of service.
+        """
         raise NotImplementedError
 
     def _check(self) -> None:
@@ -294,7 +303,9 @@ class LocalBackend(Backend):
 
         self._run_step(key, step)
 
-    def _fail_waiters(self, error: BackendUnavailable) -> None:
+    def _out_of_service(self, error: BackendUnavailable) -> None:
+        """Refuse everything from now on: memory is ahead of the disk, so don't guess."""
+        self._failure = error
         for key in self._table.waiting_keys():
             for waiter in self._table.waiters_of(key):
                 if not waiter.wake.done():
@@ -345,10 +356,6 @@ class LocalBackend(Backend):
 
 def _granted(future: Wake) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
-
-
-def _succeeded(future: asyncio.Future[T]) -> bool:
-    return not future.cancelled() and future.exception() is None
 
 
 class MemoryBackend(LocalBackend):
