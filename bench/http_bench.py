@@ -44,9 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -63,12 +61,28 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import httptools
 import httpx
 import uvloop
+
+# bench/common.py (the folder of the script run is first on sys.path)
+from common import (
+    Json,
+    Sample,
+    cpu_model,
+    fmt,
+    git_state,
+    jain_index,
+    latency_summary,
+    package_versions,
+    run_contenders,
+    shown_path,
+    wait_for_quiet,
+    write_reports,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -84,7 +98,6 @@ Workload = Literal["bare", "lock"]
 JSON_HEADERS = {"content-type": "application/json"}
 COUNTER_WIDTH = 20
 
-Json = dict[str, Any]
 AsyncCall = Callable[[str, str, bytes | None], Awaitable[tuple[int, bytes]]]
 SyncCall = Callable[[str, str, bytes | None], tuple[int, bytes]]
 
@@ -211,71 +224,7 @@ def running_server(spec: str, tmp_base: str | None) -> Iterator[Server]:
             print(f"  (server exited with {code})", file=sys.stderr)
 
 
-def machine_busy_cpu() -> float:
-    """CPU seconds all cores spent busy (not idle or waiting for I/O) since boot."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(threshold: float, max_wait: float, window: float = 0.5) -> Json:
-    """Wait (up to ``max_wait`` s) until other processes use at most ``threshold`` cores.
-
-    This machine may be shared (other test suites): starting a phase in a quiet moment
-    makes the figures less noisy. Returns what was seen, to be kept with the phase.
-    """
-    began = time.monotonic()
-    busy = 0.0
-    while True:
-        t0, c0 = time.perf_counter(), machine_busy_cpu()
-        time.sleep(window)
-        busy = (machine_busy_cpu() - c0) / (time.perf_counter() - t0)
-        waited = time.monotonic() - began
-        if busy <= threshold or waited >= max_wait:
-            return {"waited_s": round(waited, 2), "busy_cores_before": round(busy, 3)}
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid``."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # --- statistics -----------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
-    return sorted_values[min(rank, len(sorted_values) - 1)]
-
-
-def latency_summary(values: list[float]) -> Json:
-    """p50/p90/p99/max/mean in milliseconds."""
-    ordered = sorted(values)
-
-    def ms(value: float | None) -> float | None:
-        return None if value is None else round(value * 1000, 3)
-
-    return {
-        "n": len(ordered),
-        "p50_ms": ms(percentile(ordered, 50)),
-        "p90_ms": ms(percentile(ordered, 90)),
-        "p99_ms": ms(percentile(ordered, 99)),
-        "max_ms": ms(ordered[-1] if ordered else None),
-        "mean_ms": ms(sum(ordered) / len(ordered) if ordered else None),
-    }
-
-
-def jain_index(counts: list[int]) -> float | None:
-    """Jain's fairness index: (sum x)^2 / (n * sum x^2); 1.0 is perfectly even."""
-    squares = sum(x * x for x in counts)
-    if not counts or squares == 0:
-        return None
-    return sum(counts) ** 2 / (len(counts) * squares)
 
 
 @dataclass
@@ -299,29 +248,6 @@ class Recorder:
         return True
 
 
-@dataclass
-class Sample:
-    """Wall clock and CPU readings at one instant."""
-
-    wall: float
-    server_cpu: float
-    loadgen_cpu: float
-    machine_cpu: float
-
-    @classmethod
-    def take(cls, server_pid: int) -> Sample:
-        return cls(
-            time.perf_counter(), process_cpu(server_pid), time.process_time(), machine_busy_cpu()
-        )
-
-    def others(self, first: Sample) -> float:
-        """Cores used since ``first`` by everything but the server and this process."""
-        wall = self.wall - first.wall
-        busy = self.machine_cpu - first.machine_cpu
-        ours = (self.server_cpu - first.server_cpu) + (self.loadgen_cpu - first.loadgen_cpu)
-        return max(0.0, (busy - ours) / wall)
-
-
 def phase_result(
     workload: Workload, mode: ClientMode, recorders: list[Recorder], first: Sample, last: Sample
 ) -> Json:
@@ -338,7 +264,7 @@ def phase_result(
     wall = last.wall - first.wall
     served = sum(errors.values()) + len(every)
     # Requests completed in the CPU sampling window (about the measuring window).
-    server_cpu = last.server_cpu - first.server_cpu
+    server_cpu = last.target_cpu - first.target_cpu
     result: Json = {
         "workload": workload,
         "client": mode,
@@ -350,9 +276,9 @@ def phase_result(
         "latency": latency_summary(every),
         "server_cpu_cores": round(server_cpu / wall, 3),
         "server_cpu_us_per_request": round(server_cpu / served * 1e6, 1) if served else None,
-        "loadgen_cpu_cores": round((last.loadgen_cpu - first.loadgen_cpu) / wall, 3),
+        "loadgen_cpu_cores": round((last.own_cpu - first.own_cpu) / wall, 3),
         "loadgen_cpu_us_per_request": (
-            round((last.loadgen_cpu - first.loadgen_cpu) / served * 1e6, 1) if served else None
+            round((last.own_cpu - first.own_cpu) / served * 1e6, 1) if served else None
         ),
         "other_cpu_cores": round(last.others(first), 3),
     }
@@ -593,9 +519,9 @@ async def _throughput_async(spec: PhaseSpec) -> Json:
         ]
     tasks = [asyncio.ensure_future(w) for w in workers]
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
-    first = Sample.take(spec.server_pid)
+    first = Sample.take([spec.server_pid])
     await asyncio.sleep(max(0.0, start + spec.duration - time.perf_counter()))
-    last = Sample.take(spec.server_pid)
+    last = Sample.take([spec.server_pid])
     try:
         await asyncio.gather(*tasks)
     finally:
@@ -630,9 +556,9 @@ def _throughput_threads(spec: PhaseSpec) -> Json:
         threads.append(thread)
         thread.start()
     time.sleep(max(0.0, start - time.perf_counter()))
-    first = Sample.take(spec.server_pid)
+    first = Sample.take([spec.server_pid])
     time.sleep(max(0.0, start + spec.duration - time.perf_counter()))
-    last = Sample.take(spec.server_pid)
+    last = Sample.take([spec.server_pid])
     for thread in threads:
         thread.join()
     for client in clients:
@@ -723,21 +649,9 @@ def run_contention(
             )
             for i in range(processes)
         ]
-        for proc in procs:
-            proc.start()
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=60)
-        first = Sample.take(server_pid)
-        outs: list[Json] = []
-        try:
-            outs = [queue.get(timeout=duration + wait + 60) for _ in procs]
-        finally:
-            last = Sample.take(server_pid)
-            for proc in procs:
-                proc.join(timeout=10)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+        outs, first, last = run_contenders(
+            procs, barrier, queue, [server_pid], 60, duration + wait + 60
+        )
         final = int(counter.read_bytes()[:COUNTER_WIDTH])
     leftover = httpx.get(f"{url}/v1/locks/hot", timeout=5).json()
     return contention_result(outs, final, first, last, leftover, ttl, wait)
@@ -769,7 +683,7 @@ def contention_result(
         "cs_per_s": round(total / elapsed, 1) if elapsed > 0 else None,
         "per_process_counts": counts,
         "wait": latency_summary(waits),
-        "jain_fairness": None if jain_index(counts) is None else round(jain_index(counts) or 0, 4),
+        "jain_fairness": jain_index(counts),
         "counter_final": final,
         "lost_updates": total - final,
         "duplicate_tokens": len(tokens) - len(set(tokens)),
@@ -779,10 +693,10 @@ def contention_result(
         "leftover_holders": len(leftover.get("holders", [])),
         "leftover_waiters": len(leftover.get("waiters", [])),
         "errors": [e for o in outs for e in o["errors"]],
-        "server_cpu_cores": round((last.server_cpu - first.server_cpu) / wall, 3),
+        "server_cpu_cores": round((last.target_cpu - first.target_cpu) / wall, 3),
         "contenders_cpu_cores": round(sum(o["cpu_s"] for o in outs) / wall, 3),
         "server_cpu_us_per_cs": (
-            round((last.server_cpu - first.server_cpu) / total * 1e6, 1) if total else None
+            round((last.target_cpu - first.target_cpu) / total * 1e6, 1) if total else None
         ),
         "contenders_cpu_us_per_cs": (
             round(sum(o["cpu_s"] for o in outs) / total * 1e6, 1) if total else None
@@ -808,63 +722,22 @@ def fs_type(path: Path) -> str:
 
 def machine_info() -> Json:
     """Cores, Python, CPU model, memory and the versions of the server stack."""
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     mem_kib = 0
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    versions = {}
-    for package in (
-        "lockd",
-        "fastapi",
-        "starlette",
-        "pydantic",
-        "uvicorn",
-        "uvloop",
-        "httptools",
-        "httpx",
-    ):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    stack = ("lockd", "fastapi", "starlette", "pydantic", "uvicorn", "uvloop", "httptools", "httpx")
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "mem_gib": round(mem_kib / 2**20, 1),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
-        "packages": versions,
-        "git_commit": commit or None,
-        "src_uncommitted_changes": bool(dirty),
+        "packages": package_versions(stack),
+        **git_state(),
         "loadavg_at_start": os.getloadavg(),
     }
-
-
-def _fmt(value: object, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def markdown_report(report: Json) -> str:
@@ -891,11 +764,11 @@ def markdown_report(report: Json) -> str:
             ph = run["throughput"][key]
             route = "GET /healthz" if key == "bare" else "acquire+release"
             lines.append(
-                f"| {run['store']} | {route} | {_fmt(ph['rps'])}"
-                f" | {_fmt(ph['latency']['p50_ms'], 2)}"
-                f" | {_fmt(ph['latency']['p99_ms'], 2)} | {_fmt(ph['server_cpu_cores'], 2)}"
-                f" | {_fmt(ph['server_cpu_us_per_request'])}"
-                f" | {_fmt(ph['loadgen_cpu_cores'], 2)} | {_fmt(ph['other_cpu_cores'], 2)}"
+                f"| {run['store']} | {route} | {fmt(ph['rps'])}"
+                f" | {fmt(ph['latency']['p50_ms'], 2)}"
+                f" | {fmt(ph['latency']['p99_ms'], 2)} | {fmt(ph['server_cpu_cores'], 2)}"
+                f" | {fmt(ph['server_cpu_us_per_request'])}"
+                f" | {fmt(ph['loadgen_cpu_cores'], 2)} | {fmt(ph['other_cpu_cores'], 2)}"
                 f" | {sum(ph['errors'].values())} |"
             )
     lines += [
@@ -907,7 +780,7 @@ def markdown_report(report: Json) -> str:
         ratio = run["ratio_lock_to_bare"]
         verdict = "met" if ratio >= cfg["ratio_goal"] else "missed"
         lines.append(
-            f"| {run['store']} | {ratio:.3f} | {_fmt(run['ratio_by_server_cpu'], 3)} "
+            f"| {run['store']} | {ratio:.3f} | {fmt(run['ratio_by_server_cpu'], 3)} "
             f"| >= {cfg['ratio_goal']} ({verdict}) |"
         )
     lines += [
@@ -923,10 +796,10 @@ def markdown_report(report: Json) -> str:
         if c is None:
             continue
         lines.append(
-            f"| {run['store']} | {_fmt(c['cs_per_s'])} | {_fmt(c['wait']['p50_ms'], 2)} | "
-            f"{_fmt(c['wait']['p99_ms'], 2)} | {_fmt(c['jain_fairness'], 4)} | "
+            f"| {run['store']} | {fmt(c['cs_per_s'])} | {fmt(c['wait']['p50_ms'], 2)} | "
+            f"{fmt(c['wait']['p99_ms'], 2)} | {fmt(c['jain_fairness'], 4)} | "
             f"{c['lost_updates']} | {c['duplicate_tokens']} | "
-            f"{_fmt(c['server_cpu_us_per_cs'])} | {_fmt(c['contenders_cpu_us_per_cs'])} | "
+            f"{fmt(c['server_cpu_us_per_cs'])} | {fmt(c['contenders_cpu_us_per_cs'])} | "
             f"{', '.join(str(x) for x in c['per_process_counts'])} |"
         )
     if report.get("client_comparison"):
@@ -940,10 +813,10 @@ def markdown_report(report: Json) -> str:
         ]
         for ph in comp["phases"]:
             lines.append(
-                f"| {ph['client']} | {ph['workload']} | {_fmt(ph['rps'])} | "
-                f"{_fmt(ph['latency']['p50_ms'], 2)} | {_fmt(ph['latency']['p99_ms'], 2)} | "
-                f"{_fmt(ph['server_cpu_cores'], 2)} | {_fmt(ph['loadgen_cpu_cores'], 2)} | "
-                f"{_fmt(ph['other_cpu_cores'], 2)} |"
+                f"| {ph['client']} | {ph['workload']} | {fmt(ph['rps'])} | "
+                f"{fmt(ph['latency']['p50_ms'], 2)} | {fmt(ph['latency']['p99_ms'], 2)} | "
+                f"{fmt(ph['server_cpu_cores'], 2)} | {fmt(ph['loadgen_cpu_cores'], 2)} | "
+                f"{fmt(ph['other_cpu_cores'], 2)} |"
             )
     lines += [
         "",
@@ -952,18 +825,6 @@ def markdown_report(report: Json) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_reports(report: Json, results_dir: Path) -> tuple[Path, Path]:
-    """Write the JSON and markdown reports (each through a temp file, then renamed)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    paths = (results_dir / "http_bench.json", results_dir / "http_bench.md")
-    texts = (json.dumps(report, indent=2) + "\n", markdown_report(report))
-    for path, text in zip(paths, texts, strict=True):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return paths
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -1131,11 +992,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.contention:
         for run in report["runs"]:
             run["contention"] = None
-    json_path, md_path = write_reports(report, args.results)
-    print(
-        f"wrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}"
-        f" and {md_path.name} in {report['total_seconds']} s"
-    )
+    json_path, md_path = write_reports(report, markdown_report(report), args.results, "http_bench")
+    print(f"wrote {shown_path(json_path)} and {md_path.name} in {report['total_seconds']} s")
     return 0
 
 

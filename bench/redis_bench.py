@@ -37,24 +37,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import itertools
-import json
-import math
 import multiprocessing as mp
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any
+
+# bench/common.py (the folder of the script run is first on sys.path)
+from common import (
+    Json,
+    Sample,
+    cpu_model,
+    fmt,
+    git_state,
+    jain_index,
+    latency_summary,
+    package_versions,
+    run_contenders,
+    shown_path,
+    wait_for_quiet,
+    write_reports,
+)
 
 import redis
 
@@ -62,7 +73,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.redisproc import RedisProcess, start_redis  # noqa: E402
+from tests.redisproc import RedisProcess, running_redis_nodes  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 SECTIONS = ("uncontended", "contended", "redlock")
@@ -83,106 +94,6 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 NOT_AVAILABLE = "not available"
-
-Json = dict[str, Any]
-
-
-# --- machine and processes ------------------------------------------------------------------
-
-
-def machine_busy_cpu() -> float:
-    """CPU seconds all cores spent busy (not idle or waiting for I/O) since boot."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid``."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_quiet(threshold: float, max_wait: float, window: float = 0.5) -> Json:
-    """Wait (up to ``max_wait`` s) until other processes use at most ``threshold`` cores."""
-    began = time.monotonic()
-    while True:
-        t0, c0 = time.perf_counter(), machine_busy_cpu()
-        time.sleep(window)
-        busy = (machine_busy_cpu() - c0) / (time.perf_counter() - t0)
-        waited = time.monotonic() - began
-        if busy <= threshold or waited >= max_wait:
-            return {"waited_s": round(waited, 2), "busy_cores_before": round(busy, 3)}
-
-
-@dataclass
-class Sample:
-    """Wall clock and CPU readings at one instant."""
-
-    wall: float
-    own_cpu: float
-    redis_cpu: float
-    machine_cpu: float
-
-    @classmethod
-    def take(cls, redis_pids: list[int]) -> Sample:
-        return cls(
-            time.perf_counter(),
-            time.process_time(),
-            sum(process_cpu(pid) for pid in redis_pids),
-            machine_busy_cpu(),
-        )
-
-
-@contextlib.contextmanager
-def redis_servers(count: int) -> Iterator[list[RedisProcess]]:
-    """``count`` independent redis-server processes, stopped (by pid) and removed after."""
-    servers: list[RedisProcess] = []
-    try:
-        for _ in range(count):
-            servers.append(start_redis())
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
-            shutil.rmtree(server.folder, ignore_errors=True)
-
-
-# --- statistics -----------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
-    return sorted_values[min(rank, len(sorted_values) - 1)]
-
-
-def latency_summary(values: list[float]) -> Json:
-    """p50/p90/p99/max/mean in milliseconds."""
-    ordered = sorted(values)
-
-    def ms(value: float | None) -> float | None:
-        return None if value is None else round(value * 1000, 3)
-
-    return {
-        "n": len(ordered),
-        "p50_ms": ms(percentile(ordered, 50)),
-        "p90_ms": ms(percentile(ordered, 90)),
-        "p99_ms": ms(percentile(ordered, 99)),
-        "max_ms": ms(ordered[-1] if ordered else None),
-        "mean_ms": ms(sum(ordered) / len(ordered) if ordered else None),
-    }
-
-
-def jain_index(counts: list[int]) -> float | None:
-    """Jain's fairness index: (sum x)^2 / (n * sum x^2); 1.0 is perfectly even."""
-    squares = sum(x * x for x in counts)
-    if not counts or squares == 0:
-        return None
-    return round(sum(counts) ** 2 / (len(counts) * squares), 4)
 
 
 # --- the locks under test -------------------------------------------------------------------
@@ -279,10 +190,7 @@ def _floor_handle(conn: redis.Redis, name: str, ttl: float, close: Callable[[], 
 
 def versions() -> Json:
     """Versions of the libraries compared and of redis-server."""
-    found: Json = {}
-    for package in ("lockd", "redis", "hiredis", "pottery", "python-redis-lock"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[package] = importlib.metadata.version(package)
+    found = package_versions(("lockd", "redis", "hiredis", "pottery", "python-redis-lock"))
     binary = shutil.which("redis-server")
     if binary:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
@@ -348,25 +256,24 @@ def uncontended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
             finally:
                 handle.close()
             acc = per_lib[lib]
-            own, red = last.own_cpu - first.own_cpu, last.redis_cpu - first.redis_cpu
-            other = (last.machine_cpu - first.machine_cpu) - own - red
+            other = last.others(first)
             acc["latencies"] += lat
             acc["elapsed"] += elapsed
-            acc["own_cpu"] += own
-            acc["redis_cpu"] += red
+            acc["own_cpu"] += last.own_cpu - first.own_cpu
+            acc["redis_cpu"] += last.target_cpu - first.target_cpu
             acc["rounds"].append(
                 {
                     "round": round_no + 1,
                     "pairs": len(lat),
                     "pairs_per_s": round(len(lat) / elapsed, 1),
                     "p50_ms": latency_summary(lat)["p50_ms"],
-                    "other_cpu_cores": round(max(0.0, other) / elapsed, 3),
+                    "other_cpu_cores": round(other, 3),
                     "quiet_wait": quiet,
                 }
             )
             print(
                 f"  round {round_no + 1} {LABELS[lib]:28} {len(lat) / elapsed:>8,.0f} pairs/s  "
-                f"p50 {latency_summary(lat)['p50_ms']} ms  other {max(0.0, other) / elapsed:.2f}",
+                f"p50 {latency_summary(lat)['p50_ms']} ms  other {other:.2f}",
                 flush=True,
             )
     floor_rate = len(per_lib["floor"]["latencies"]) / per_lib["floor"]["elapsed"]
@@ -479,21 +386,9 @@ def run_contention(spec: ContentionSpec, processes: int, redis_pids: list[int]) 
         ctx.Process(target=contender, args=(i, spec, barrier, queue), daemon=True)
         for i in range(processes)
     ]
-    for proc in procs:
-        proc.start()
-    with contextlib.suppress(threading.BrokenBarrierError):
-        barrier.wait(timeout=120)
-    first = Sample.take(redis_pids)
-    outs: list[ContenderReport] = []
-    try:
-        outs = [queue.get(timeout=spec.duration + spec.wait + 120) for _ in procs]
-    finally:
-        last = Sample.take(redis_pids)
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    outs, first, last = run_contenders(
+        procs, barrier, queue, redis_pids, 120, spec.duration + spec.wait + 120
+    )
     final = int(counter.get(spec.counter_key) or 0)
     counter.close()
     return contention_result(spec, outs, final, first, last)
@@ -514,7 +409,7 @@ def contention_result(
     elapsed = max((o.finished for o in outs), default=0.0) - started
     wall = last.wall - first.wall
     contenders_cpu = sum(o.cpu_s for o in outs)
-    redis_cpu = last.redis_cpu - first.redis_cpu
+    redis_cpu = last.target_cpu - first.target_cpu
     busy = last.machine_cpu - first.machine_cpu
     return {
         "library": spec.lib,
@@ -542,14 +437,25 @@ def contention_result(
 
 def contention_rows(
     libs: list[str],
-    make: Callable[[str], ContentionSpec],
+    target: Target,
+    counter_url: str,
     args: argparse.Namespace,
     pids: list[int],
 ) -> list[Json]:
     """One contention run per library (a "not available" row for lockd without the scheme)."""
+    run = uuid.uuid4().hex[:6]
     rows = []
     for lib in libs:
-        spec = make(lib)
+        spec = ContentionSpec(
+            lib,
+            target,
+            counter_url,
+            f"bench:counter-{run}-{lib}",
+            f"hot-{run}-{lib}",
+            args.contention_duration,
+            args.ttl,
+            args.wait,
+        )
         if lib.startswith("lockd"):
             why = lockd_unavailable(spec.target.lockd_url)
             if why is not None:
@@ -574,50 +480,22 @@ def contention_rows(
 
 def contended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
     """Every library contending on one lock on the same Redis; the counter is there too."""
-    run = uuid.uuid4().hex[:6]
     target = Target(server.url, (server.url,))
-
-    def make(lib: str) -> ContentionSpec:
-        return ContentionSpec(
-            lib,
-            target,
-            server.url,
-            f"bench:counter-{run}-{lib}",
-            f"hot-{run}-{lib}",
-            args.contention_duration,
-            args.ttl,
-            args.wait,
-        )
-
     libs = [lib for lib in CONTENDED_LIBS if lib in args.libs]
-    rows = contention_rows(libs, make, args, [server.process.pid])
+    rows = contention_rows(libs, target, server.url, args, [server.process.pid])
     return {"redis": server.url, "counter": "on the lock's Redis", "rows": rows}
 
 
 def redlock_section(args: argparse.Namespace) -> Json:
     """lockd's redlock:// against pottery's Redlock on 3 nodes; the counter on a 4th."""
-    with redis_servers(4) as servers:
+    with running_redis_nodes(4) as servers:
         nodes, counter = servers[:3], servers[3]
         lockd_url = "redlock://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
         target = Target(lockd_url, tuple(n.url for n in nodes))
-        run = uuid.uuid4().hex[:6]
         print(f"redlock nodes {lockd_url}, counter {counter.url}", flush=True)
-
-        def make(lib: str) -> ContentionSpec:
-            return ContentionSpec(
-                lib,
-                target,
-                counter.url,
-                f"bench:counter-{run}-{lib}",
-                f"hot-{run}-{lib}",
-                args.contention_duration,
-                args.ttl,
-                args.wait,
-            )
-
         libs = [lib for lib in REDLOCK_LIBS if lib.removesuffix("-redlock") in args.libs]
         pids = [n.process.pid for n in servers]
-        rows = contention_rows(libs, make, args, pids)
+        rows = contention_rows(libs, target, counter.url, args, pids)
         return {
             "nodes": [n.url for n in nodes],
             "lockd_url": lockd_url,
@@ -629,44 +507,18 @@ def redlock_section(args: argparse.Namespace) -> Json:
 # --- machine info and reports ---------------------------------------------------------------
 
 
-def git(*argv: str) -> str:
-    """The output of a git command in this repository ("" on failure)."""
-    done = subprocess.run(
-        ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
-    )
-    return done.stdout.strip()
-
-
 def machine_info() -> Json:
     """Cores, CPU model, Python, library versions, commit and load."""
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions(),
-        "git_commit": git("rev-parse", "--short", "HEAD") or None,
-        "src_uncommitted_changes": bool(git("status", "--porcelain", "--", "src")),
+        **git_state(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _fmt(value: object, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def goals(report: Json) -> list[str]:
@@ -680,8 +532,8 @@ def goals(report: Json) -> list[str]:
                 mine = unc[lib]["pairs_per_s"]
                 verdict = "met" if mine >= peer else "missed"
                 lines.append(
-                    f"- Uncontended, {LABELS[lib]} >= redis-py Lock: {_fmt(mine)} vs "
-                    f"{_fmt(peer)} pairs/s ({mine / peer:.2f}x): **{verdict}**"
+                    f"- Uncontended, {LABELS[lib]} >= redis-py Lock: {fmt(mine)} vs "
+                    f"{fmt(peer)} pairs/s ({mine / peer:.2f}x): **{verdict}**"
                 )
     for key, title in (("contended", "Contended (one Redis)"), ("redlock", "Contended RedLock")):
         rows = [r for r in report.get(key, {}).get("rows", []) if "cs_per_s" in r]
@@ -696,7 +548,7 @@ def goals(report: Json) -> list[str]:
             verdict = "met" if (mine["cs_per_s"] or 0) >= (best["cs_per_s"] or 0) else "missed"
             lines.append(
                 f"- {title}, CS/s >= fastest peer ({best['label']}): "
-                f"{_fmt(mine['cs_per_s'])} vs {_fmt(best['cs_per_s'])}: **{verdict}**"
+                f"{fmt(mine['cs_per_s'])} vs {fmt(best['cs_per_s'])}: **{verdict}**"
             )
             fair = [r for r in peers if (r["jain_fairness"] or 0) >= 0.98]
             if fair and best not in fair:
@@ -704,7 +556,7 @@ def goals(report: Json) -> list[str]:
                 share = (mine["cs_per_s"] or 0) / (top["cs_per_s"] or 1)
                 lines.append(
                     f"  (fastest peer with Jain >= 0.98: {top['label']}, "
-                    f"{_fmt(top['cs_per_s'])} CS/s; lockd {share:.2f}x)"
+                    f"{fmt(top['cs_per_s'])} CS/s; lockd {share:.2f}x)"
                 )
         jain = mine["jain_fairness"] or 0.0
         p99 = mine["wait"]["p99_ms"] or 0.0
@@ -743,11 +595,11 @@ def contention_table(section: Json, processes: int) -> list[str]:
             continue
         changes = r["holder_changes"]
         lines.append(
-            f"| {r['label']} | {_fmt(r['cs_per_s'])} | {_fmt(r['wait']['p50_ms'], 2)} "
-            f"| {_fmt(r['wait']['p99_ms'], 2)} | {_fmt(r['wait']['max_ms'], 1)} "
-            f"| {_fmt(r['jain_fairness'], 4)} | {'-' if changes is None else f'{changes:.0%}'} "
-            f"| {r['lost_updates']} | {_fmt(r['redis_cpu_us_per_cs'])} "
-            f"| {_fmt(r['contenders_cpu_us_per_cs'])} | {_fmt(r['other_cpu_cores'], 2)} "
+            f"| {r['label']} | {fmt(r['cs_per_s'])} | {fmt(r['wait']['p50_ms'], 2)} "
+            f"| {fmt(r['wait']['p99_ms'], 2)} | {fmt(r['wait']['max_ms'], 1)} "
+            f"| {fmt(r['jain_fairness'], 4)} | {'-' if changes is None else f'{changes:.0%}'} "
+            f"| {r['lost_updates']} | {fmt(r['redis_cpu_us_per_cs'])} "
+            f"| {fmt(r['contenders_cpu_us_per_cs'])} | {fmt(r['other_cpu_cores'], 2)} "
             f"| {', '.join(str(x) for x in r['per_process_counts'])} | {len(r['errors'])} |"
         )
     return lines
@@ -788,11 +640,11 @@ def markdown_report(report: Json) -> str:
         for r in report["uncontended"]["rows"]:
             other = sum(x["other_cpu_cores"] for x in r["rounds"]) / len(r["rounds"])
             lines.append(
-                f"| {r['label']} | {_fmt(r['pairs_per_s'])} | {r['ratio_to_floor']:.3f} "
-                f"| {_fmt(r['latency']['p50_ms'], 3)} | {_fmt(r['latency']['p99_ms'], 3)} "
-                f"| {_fmt(r['client_cpu_us_per_pair'])} | {_fmt(r['redis_cpu_us_per_pair'])} "
-                f"| {', '.join(_fmt(x['pairs_per_s'], 0) for x in r['rounds'])} "
-                f"| {_fmt(max(x['pairs_per_s'] for x in r['rounds']), 0)} | {other:.2f} |"
+                f"| {r['label']} | {fmt(r['pairs_per_s'])} | {r['ratio_to_floor']:.3f} "
+                f"| {fmt(r['latency']['p50_ms'], 3)} | {fmt(r['latency']['p99_ms'], 3)} "
+                f"| {fmt(r['client_cpu_us_per_pair'])} | {fmt(r['redis_cpu_us_per_pair'])} "
+                f"| {', '.join(fmt(x['pairs_per_s'], 0) for x in r['rounds'])} "
+                f"| {fmt(max(x['pairs_per_s'] for x in r['rounds']), 0)} | {other:.2f} |"
             )
     if "contended" in report:
         lines += [
@@ -822,18 +674,6 @@ def markdown_report(report: Json) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_reports(report: Json, results_dir: Path) -> tuple[Path, Path]:
-    """Write the JSON and markdown reports (each through a temp file, then renamed)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    paths = (results_dir / "redis_bench.json", results_dir / "redis_bench.md")
-    texts = (json.dumps(report, indent=2) + "\n", markdown_report(report))
-    for path, text in zip(paths, texts, strict=True):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return paths
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -923,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     if "uncontended" in args.section or "contended" in args.section:
-        with redis_servers(1) as (server,):
+        with running_redis_nodes(1) as (server,):
             print(f"redis-server {server.url} (pid {server.process.pid})", flush=True)
             if "uncontended" in args.section:
                 print("uncontended acquire+release pairs", flush=True)
@@ -936,14 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         report["redlock"] = redlock_section(args)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     # Others may commit or edit src/ while this runs: what was measured is start .. end.
-    report["machine"]["git_commit_at_end"] = git("rev-parse", "--short", "HEAD") or None
-    report["machine"]["src_uncommitted_changes_at_end"] = bool(
-        git("status", "--porcelain", "--", "src")
-    )
+    report["machine"].update({f"{key}_at_end": value for key, value in git_state().items()})
     report["total_seconds"] = round(time.monotonic() - began, 1)
-    json_path, md_path = write_reports(report, args.results)
-    shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
-    print(f"wrote {shown} and {md_path.name} in {report['total_seconds']} s")
+    json_path, md_path = write_reports(report, markdown_report(report), args.results, "redis_bench")
+    print(f"wrote {shown_path(json_path)} and {md_path.name} in {report['total_seconds']} s")
     return 0
 
 
