@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -78,5 +79,23 @@ async def test_a_failed_write_refuses_the_caller_and_everything_after(tmp_path: 
     store = FileBackend(tmp_path)
     try:
         assert [r.name for r in await store.list_locks(NS)] == ["a"]
+    finally:
+        await store.aclose()
+
+
+async def test_a_grant_whose_caller_left_is_given_back_on_disk(tmp_path: Path) -> None:
+    store = FileBackend(tmp_path)
+    for name in ("a", "b"):
+        task = asyncio.create_task(store.acquire(NS, name, "me", ttl=60, wait=0))
+        await asyncio.sleep(0)  # the step ran; its write is under way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await store.acquire(NS, "c", "me", ttl=60, wait=0)
+    await store.aclose()
+
+    store = FileBackend(tmp_path)
+    try:
+        assert [r.name for r in await store.list_locks(NS)] == ["c"]
     finally:
         await store.aclose()

@@ -171,11 +171,11 @@ class FileBackend(LocalBackend):
     def _written(
         self, batch: list[tuple[Changes, OnDurable]], failure: BackendUnavailable | None
     ) -> None:
-        self._writing = False
         if failure is not None and self._failure is None:
             self._out_of_service(failure)
         for _, on_durable in batch:
-            on_durable(failure)
+            on_durable(failure)  # steps these run (give-backs) join the next batch
+        self._writing = False
         if self._batch:
             self._write_next()
         else:
