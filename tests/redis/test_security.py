@@ -137,6 +137,17 @@ def test_an_acl_user_with_only_the_commands_lockd_needs_can_lock_wait_inspect_an
         lock_scenario(with_password(server, password, user="alice"))
 
 
+def test_the_readme_lists_the_acl_commands_lockd_needs() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    text = " ".join(readme.split())  # the lists wrap across lines
+    scripts = re.search(r"which Redis 7 checks against the user too: `([^`]*)`", text)
+    client = re.search(r"the commands `([^`]*)`, and the\s+commands its scripts run", text)
+    assert scripts is not None
+    assert client is not None
+    assert set(scripts.group(1).split()) == set(SCRIPT_COMMANDS)
+    assert set(client.group(1).split()) == set(CLIENT_COMMANDS)
+
+
 def test_the_documented_script_commands_are_the_ones_the_scripts_call() -> None:
     scripts = [getattr(redis_lua, name) for name in redis_lua.__all__ if name.isupper()]
     texts = [text for text in scripts if isinstance(text, str)]
