@@ -8,6 +8,11 @@ only the store-specific part and bad input never reaches a store.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from lockd.errors import InvalidRequest, SafetyUnavailable
 from lockd.model import (
@@ -26,7 +31,21 @@ from lockd.model import (
     check_wait,
 )
 
-__all__ = ["Backend", "require_safety"]
+__all__ = ["AcquireRequest", "Backend", "require_safety", "undo_on_cancel"]
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireRequest:
+    """One validated acquire, as a backend's ``_acquire`` receives it."""
+
+    namespace: str
+    name: str
+    owner: str
+    ttl: float
+    wait: float | None
+    """Seconds to queue; None: without end; 0: try once."""
+    limit: int
+    request_id: str | None
 
 
 class Backend(abc.ABC):
@@ -56,13 +75,15 @@ class Backend(abc.ABC):
         Cancelling the call leaves the queue, and gives back a grant made meanwhile.
         """
         return await self._acquire(
-            check_namespace(namespace),
-            check_name(name),
-            check_owner(owner),
-            ttl=check_ttl(ttl),
-            wait=check_wait(wait),
-            limit=check_limit(limit),
-            request_id=check_request_id(request_id),
+            AcquireRequest(
+                check_namespace(namespace),
+                check_name(name),
+                check_owner(owner),
+                ttl=check_ttl(ttl),
+                wait=check_wait(wait),
+                limit=check_limit(limit),
+                request_id=check_request_id(request_id),
+            )
         )
 
     async def release(
@@ -137,17 +158,7 @@ class Backend(abc.ABC):
         return
 
     @abc.abstractmethod
-    async def _acquire(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        request_id: str | None,
-    ) -> Grant: ...
+    async def _acquire(self, req: AcquireRequest) -> Grant: ...
 
     @abc.abstractmethod
     async def _release(
@@ -172,6 +183,27 @@ class Backend(abc.ABC):
     async def _force_release(
         self, namespace: str, name: str, owner: str | None
     ) -> list[HolderInfo]: ...
+
+
+async def undo_on_cancel(
+    work: Coroutine[Any, Any, Grant],
+    undo: Callable[[], Awaitable[Any] | None],
+    background: set[asyncio.Future[Any]],
+) -> Grant:
+    """Await an acquire; if the caller is cancelled, run ``undo`` (an abandon) before
+    passing the cancellation on: the request may be queued, granted or still on its way,
+    and abandoning its request id undoes whichever it reached."""
+    try:
+        return await work  # cancelled in place: it sends nothing more once this raises
+    except asyncio.CancelledError:
+        undoing = undo()
+        if undoing is not None:
+            future = asyncio.ensure_future(undoing)
+            background.add(future)
+            future.add_done_callback(background.discard)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(future)
+        raise
 
 
 def _check_token(token: object) -> int | None:

@@ -15,7 +15,6 @@ is given back rather than lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from typing import Any
@@ -23,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from lockd.backends.base import Backend
+from lockd.backends.base import AcquireRequest, Backend, undo_on_cancel
 from lockd.errors import ERROR_CODES, AcquireTimeout, BackendUnavailable, LockError
 from lockd.model import (
     Capabilities,
@@ -70,33 +69,17 @@ class HttpBackend(Backend):
         )  # fmt: skip
         self.max_poll = float(info["max_poll"])
 
-    async def _acquire(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        request_id: str | None,
-    ) -> Grant:
-        rid = request_id or uuid.uuid4().hex
-        polling = asyncio.ensure_future(
-            self._poll_acquire(namespace, name, owner, ttl, wait, limit, rid)
+    async def _acquire(self, req: AcquireRequest) -> Grant:
+        rid = req.request_id or uuid.uuid4().hex
+        # Whether the server queued, granted or has not yet seen the request, abandon
+        # undoes it; the cancelled poll closes its connection, so the server drops it.
+        return await undo_on_cancel(
+            self._poll_acquire(
+                req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit, rid
+            ),
+            lambda: self._abandon(req.namespace, req.name, req.owner, rid),
+            self._background,
         )
-        try:
-            return await asyncio.shield(polling)
-        except asyncio.CancelledError:
-            # Whether the server queued, granted or has not yet seen the request, abandon
-            # undoes it; closing the poll's connection lets the server drop it at once.
-            polling.cancel()
-            task = asyncio.ensure_future(self._abandon(namespace, name, owner, rid))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)  # cancelled means gone from the queue
-            raise
 
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
         body = {"owner": owner, "request_id": request_id}

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TypeVar, cast
 
 from lockd._core import Changes, Key, LockTable, Waiter
-from lockd.backends.base import Backend
+from lockd.backends.base import AcquireRequest, Backend
 from lockd.errors import AcquireTimeout, BackendUnavailable, NotHeld
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
 
@@ -58,17 +58,9 @@ class LocalBackend(Backend):
 
     # --- the contract -----------------------------------------------------------------
 
-    async def _acquire(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        request_id: str | None,
-    ) -> Grant:
+    async def _acquire(self, req: AcquireRequest) -> Grant:
+        namespace, name, owner, ttl, wait = req.namespace, req.name, req.owner, req.ttl, req.wait
+        limit, request_id = req.limit, req.request_id
         self._check()
         self._start()
         key = (namespace, name)

@@ -40,11 +40,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from lockd.backends import redact_url, redis_lua
-from lockd.backends.base import Backend
+from lockd.backends.base import AcquireRequest, Backend, undo_on_cancel
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -192,36 +192,18 @@ class RedisBackend(Backend):
 
     # --- the contract -----------------------------------------------------------------
 
-    async def _acquire(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        request_id: str | None,
-    ) -> Grant:
-        rid = request_id or uuid.uuid4().hex
-        attempt = self.new_attempt()
+    async def _acquire(self, req: AcquireRequest) -> Grant:
+        rid = req.request_id or uuid.uuid4().hex
         return await undo_on_cancel(
-            self._wait_for_grant(namespace, name, owner, ttl, wait, limit, rid, attempt),
-            lambda: self._abandon(namespace, name, owner, rid),
+            self._wait_for_grant(req, rid, self.new_attempt()),
+            lambda: self._abandon(req.namespace, req.name, req.owner, rid),
             self._background,
         )
 
-    async def _wait_for_grant(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        rid: str,
-        attempt: str,
-    ) -> Grant:
+    async def _wait_for_grant(self, req: AcquireRequest, rid: str, attempt: str) -> Grant:
+        namespace, name, owner, ttl, wait, limit = (
+            req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit
+        )  # fmt: skip
         ttl_ms = max(1, round(ttl * 1000))
         lease_ms = round(WAITER_LEASE * 1000)
 
@@ -415,27 +397,6 @@ class RedisBackend(Backend):
                 token, count, ttl_left, waited = grant.split(",")
                 self._delivered[attempt] = ["granted", token, count, ttl_left, waited]
             event.set()
-
-
-async def undo_on_cancel(
-    work: Coroutine[Any, Any, Grant],
-    undo: Callable[[], Awaitable[Any] | None],
-    background: set[asyncio.Future[Any]],
-) -> Grant:
-    """Await an acquire; if the caller is cancelled, run ``undo`` (an abandon) before
-    passing the cancellation on: the request may be queued, granted or still on its way,
-    and abandoning its request id undoes whichever it reached."""
-    try:
-        return await work  # cancelled in place: it sends nothing more once this raises
-    except asyncio.CancelledError:
-        undoing = undo()
-        if undoing is not None:
-            future = asyncio.ensure_future(undoing)
-            background.add(future)
-            future.add_done_callback(background.discard)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(future)
-        raise
 
 
 def _keys(namespace: str, name: str) -> list[str]:

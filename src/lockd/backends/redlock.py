@@ -60,8 +60,8 @@ from urllib.parse import urlsplit
 
 from lockd.backends import redact_url
 from lockd.backends import redis as redis_backend
-from lockd.backends.base import Backend
-from lockd.backends.redis import RedisBackend, _holder, _not_held, undo_on_cancel
+from lockd.backends.base import AcquireRequest, Backend, undo_on_cancel
+from lockd.backends.redis import RedisBackend, _holder, _not_held
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -220,17 +220,9 @@ class RedlockBackend(Backend):
 
     # --- acquire ----------------------------------------------------------------------
 
-    async def _acquire(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        request_id: str | None,
-    ) -> Grant:
+    async def _acquire(self, req: AcquireRequest) -> Grant:
+        namespace, name, owner, ttl, wait = req.namespace, req.name, req.owner, req.ttl, req.wait
+        limit, request_id = req.limit, req.request_id
         base = request_id or uuid.uuid4().hex
         if base in self._abandoned:
             raise AcquireTimeout(f"{name!r} was not granted: this request was abandoned",
