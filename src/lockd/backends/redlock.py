@@ -221,31 +221,21 @@ class RedlockBackend(Backend):
     # --- acquire ----------------------------------------------------------------------
 
     async def _acquire(self, req: AcquireRequest) -> Grant:
-        namespace, name, owner, ttl, wait = req.namespace, req.name, req.owner, req.ttl, req.wait
-        limit, request_id = req.limit, req.request_id
-        base = request_id or uuid.uuid4().hex
+        base = req.request_id or uuid.uuid4().hex
         if base in self._abandoned:
-            raise AcquireTimeout(f"{name!r} was not granted: this request was abandoned",
-                                 name=name, owner=owner)  # fmt: skip
+            raise AcquireTimeout(f"{req.name!r} was not granted: this request was abandoned",
+                                 name=req.name, owner=req.owner)  # fmt: skip
         current: list[_Round] = []
-        work = self._rounds_until_granted(namespace, name, owner, ttl, wait, limit, base, current)
         return await undo_on_cancel(
-            work,
-            lambda: self._give_up(namespace, name, owner, current[-1], ttl) if current else None,
+            self._rounds_until_granted(req, base, current),
+            lambda: self._give_up(req, current[-1]) if current else None,
             self._background,
         )
 
     async def _rounds_until_granted(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        base: str,
-        current: list[_Round],
+        self, req: AcquireRequest, base: str, current: list[_Round]
     ) -> Grant:
+        name, owner, ttl, wait = req.name, req.owner, req.ttl, req.wait
         started = time.monotonic()
         end = None if wait is None else started + wait
         woken = asyncio.Event()
@@ -258,7 +248,7 @@ class RedlockBackend(Backend):
             for node in self._nodes:
                 node._wake[rnd.attempt] = woken
             try:
-                grant = await self._round(namespace, name, owner, ttl, wait, limit, rnd, end, woken)
+                grant = await self._round(req, rnd, end, woken)
             finally:
                 for node in self._nodes:
                     node._wake.pop(rnd.attempt, None)
@@ -273,23 +263,17 @@ class RedlockBackend(Backend):
             await asyncio.sleep(pause)
 
     async def _round(
-        self,
-        namespace: str,
-        name: str,
-        owner: str,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        rnd: _Round,
-        end: float | None,
-        woken: asyncio.Event,
+        self, req: AcquireRequest, rnd: _Round, end: float | None, woken: asyncio.Event
     ) -> Grant | None:
         """One attempt: a Grant, or None (undone on every node) to try again."""
+        namespace, name, owner, ttl, wait, limit = (
+            req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit
+        )  # fmt: skip
         need = quorum(len(self._nodes), limit)
         args = (namespace, name, owner, rnd.rid, rnd.attempt, max(1, round(ttl * 1000)), limit)
 
         async def give_up() -> None:
-            await self._give_up(namespace, name, owner, rnd, ttl)
+            await self._give_up(req, rnd)
 
         async def step(nodes: Iterable[int], mode: str) -> None:
             sent = time.monotonic()
@@ -521,12 +505,10 @@ class RedlockBackend(Backend):
         self._remember(self._rounds, base, rnd)
         return rnd
 
-    async def _give_up(
-        self, namespace: str, name: str, owner: str, rnd: _Round, ttl: float
-    ) -> None:
+    async def _give_up(self, req: AcquireRequest, rnd: _Round) -> None:
         """Undo a whole round on every node; the next try gets a new round."""
         rnd.undone = True
-        await self._undo(namespace, name, owner, rnd.rid, ttl)
+        await self._undo(req.namespace, req.name, req.owner, rnd.rid, req.ttl)
 
     async def _undo(
         self,
