@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
 
 import lockd
-from tests.redisproc import RedisProcess, running_redis, running_redis_nodes
+import redis
+from tests.redisproc import (
+    RedisProcess,
+    running_redis,
+    running_redis_cluster,
+    running_redis_nodes,
+)
 from tests.serverproc import running_server
 
 StoreFactory = Callable[[Path], AbstractContextManager[str]]
@@ -49,11 +55,35 @@ def _redlock(tmp: Path, nodes: int) -> Iterator[str]:
         yield "redlock://" + ",".join(f"127.0.0.1:{s.port}" for s in servers) + "/0"
 
 
+_cluster = ExitStack()
+_cluster_nodes: list[RedisProcess] = []
+
+
+@contextmanager
+def _redis_cluster(tmp: Path) -> Iterator[str]:
+    """A real three-master Redis Cluster, reached through one of its nodes. Making one
+    takes seconds, so the session shares one and each test gets it emptied."""
+    del tmp
+    if not _cluster_nodes:
+        _cluster_nodes.extend(_cluster.enter_context(running_redis_cluster(3)))
+    for node in _cluster_nodes:
+        with redis.Redis(port=node.port) as direct:
+            direct.flushall()
+    yield f"redis://127.0.0.1:{_cluster_nodes[0].port}/0?cluster=true"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the shared Redis Cluster, if a test started it."""
+    del session
+    _cluster.close()
+
+
 STORES: dict[str, StoreFactory] = {
     "memory": lambda tmp: nullcontext(f"memory://test-{uuid.uuid4().hex}"),
     "file": lambda tmp: nullcontext(f"file://{tmp / 'store'}"),
     "http": _served,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
     "redlock3": lambda tmp: _redlock(tmp, 3),
     "redlock5": lambda tmp: _redlock(tmp, 5),
 }

@@ -201,12 +201,52 @@ def running_redis_nodes(count: int, *extra: str) -> Iterator[list[RedisProcess]]
             shutil.rmtree(server.folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def running_redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
+    """A Redis Cluster of ``masters`` real redis-servers (no replicas), slots spread over
+    them; stopped and removed after."""
+    servers: list[RedisProcess] = []
+    try:
+        for _ in range(masters):
+            # The bus port defaults to port + 10000, which a free port may not allow.
+            bus = str(free_port())
+            servers.append(start_redis("--cluster-enabled", "yes", "--cluster-config-file",
+                                       "nodes.conf", "--cluster-port", bus))  # fmt: skip
+        hosts = [f"127.0.0.1:{server.port}" for server in servers]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *hosts, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not all(_cluster_ok(server.port) for server in servers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not become ready")
+            time.sleep(0.05)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def _cluster_ok(port: int) -> bool:
+    info = subprocess.run(
+        ["redis-cli", "-p", str(port), "cluster", "info"],
+        check=False,
+        capture_output=True,
+        timeout=5,
+    )
+    return b"cluster_state:ok" in info.stdout
+
+
 __all__ = [
     "RedisProcess",
     "TlsFiles",
     "make_tls_files",
     "redis_server_binary",
     "running_redis",
+    "running_redis_cluster",
     "running_redis_nodes",
     "start_redis",
 ]

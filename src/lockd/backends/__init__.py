@@ -17,6 +17,7 @@ REDIS_OPTIONS = {
     "socket_keepalive", "socket_timeout", "ssl_check_hostname", "ssl_min_version", "timeout",
     "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile",
     "ssl_password", "client_name",
+    "cluster",  # lockd's own: connect with redis-py's RedisCluster
 }  # fmt: skip
 
 SCHEMES = ("memory", "file", "http", "https", "redis", "rediss", "redlock")
@@ -68,7 +69,7 @@ def connect(url: str) -> Backend:
     """Open a new backend for ``url``; call it from the event loop that will use it.
 
     ``memory://[name]``, ``file://PATH[?sync=full|normal]``, ``http(s)://host:port``,
-    ``redis(s)://[[user]:password@]host:port[/db][?redis-py options]``,
+    ``redis(s)://[[user]:password@]host:port[/db][?redis-py options][&cluster=true]``,
     ``redlock://[[user]:password@]host1:port,host2:port,host3:port[/db][?options]``.
     Call ``await backend.open()`` before use.
     """

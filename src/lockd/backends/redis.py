@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from lockd.backends import redact_url, redis_lua
 from lockd.backends.base import AcquireRequest, Backend, undo_on_cancel
@@ -60,6 +61,7 @@ from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLev
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
+    from redis.asyncio.cluster import RedisCluster
     from redis.commands.core import AsyncScript
 
 __all__ = ["RedisBackend"]
@@ -94,8 +96,8 @@ class RedisBackend(Backend):
 
     def __init__(self, url: str, inbox: str | None = None) -> None:
         self.url = redact_url(url)
-        self._url = url
-        self._redis: Redis | None = None
+        self._target = _cluster_option(url)  # (URL for redis-py, cluster?), checked now
+        self._redis: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -117,18 +119,26 @@ class RedisBackend(Backend):
 
         # No driver retries: a resent script could apply twice. The SDK retries with
         # the same request id instead, which the scripts answer once.
-        self._redis = redis.asyncio.Redis.from_url(
-            self._url,
-            decode_responses=True,
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=5.0,
-            socket_timeout=10.0,
-        )
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": 10.0,
+        }
+        url, cluster = self._target
+        client: Redis | RedisCluster
+        if cluster:  # keys of one name share a hash tag, so each script runs on one node
+            from redis.asyncio.cluster import RedisCluster
+
+            client = RedisCluster.from_url(url, **options)
+        else:
+            client = redis.asyncio.Redis.from_url(url, **options)
+        self._redis = client
         for name in SCRIPTS:
-            self._scripts[name] = self._redis.register_script(getattr(redis_lua, name))
+            self._scripts[name] = client.register_script(getattr(redis_lua, name))
         await self.ping()
         with contextlib.suppress(Exception):  # CONFIG may be refused by an ACL
-            policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
             if isinstance(policy, str) and policy.startswith("allkeys"):
                 log.warning("%s evicts keys (maxmemory-policy %s): locks can vanish",
                             self.url, policy)  # fmt: skip
@@ -154,7 +164,7 @@ class RedisBackend(Backend):
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
 
-    def _client(self) -> Redis:
+    def _client(self) -> Redis | RedisCluster:
         if self._redis is None:
             raise BackendUnavailable(f"{self.url} is not open")
         return self._redis
@@ -397,6 +407,20 @@ class RedisBackend(Backend):
                 token, count, ttl_left, waited = grant.split(",")
                 self._delivered[attempt] = ["granted", token, count, ttl_left, waited]
             event.set()
+
+
+def _cluster_option(url: str) -> tuple[str, bool]:
+    """Take lockd's own ``cluster`` option out of a Redis URL: (url for redis-py, on?)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    cluster = [v for k, v in query if k == "cluster"]
+    if not cluster:
+        return url, False
+    value = cluster[-1].lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidRequest(f"cluster must be true or false, not {cluster[-1]!r}")
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    return urlunsplit(parts._replace(query=rest)), value in ("true", "1", "yes")
 
 
 def _keys(namespace: str, name: str) -> list[str]:
