@@ -66,6 +66,7 @@ from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
     InvalidRequest,
+    LockError,
     LockLost,
 )
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel, WaiterInfo
@@ -100,8 +101,11 @@ def node_timeout(ttl: float) -> float:
     return min(1.0, max(0.05, ttl / 5))
 
 
-def _drift(ttl: float) -> float:
-    return DRIFT_FACTOR * ttl + DRIFT_MIN
+def _validity(ends: list[float], need: int, ttl: float) -> float:
+    """Seconds left of a hold that ``need`` of the nodes ending at ``ends`` (monotonic
+    lower bounds) agree on, less the clock-drift allowance; <= 0: not valid."""
+    quorum_end = sorted(ends, reverse=True)[need - 1]
+    return quorum_end - (DRIFT_FACTOR * ttl + DRIFT_MIN) - time.monotonic()
 
 
 @dataclass
@@ -478,10 +482,10 @@ class RedlockBackend(Backend):
                 for i, reply in replies.items():
                     if isinstance(reply, list) and reply[0] == "ok":
                         rnd.grants[i].token = token
-        agreed = sorted((g.ends for g in rnd.grants.values() if g.token == token), reverse=True)
+        agreed = [g.ends for g in rnd.grants.values() if g.token == token]
         if len(agreed) < need:
             return None
-        validity = agreed[need - 1] - _drift(ttl) - time.monotonic()
+        validity = _validity(agreed, need, ttl)
         if validity <= 0:
             return None
         others = [i for i in range(len(self._nodes)) if rnd.grants.get(i, None) is None
@@ -557,8 +561,7 @@ class RedlockBackend(Backend):
         left = [int(r[1]) for r in replies.values() if isinstance(r, list) and r[0] == "ok"]
         if len(left) >= self._majority:
             return max(left)
-        self._refuse(replies, len(left), self._majority, "release", name, owner, token)
-        raise AssertionError("unreachable")
+        raise self._refusal(replies, len(left), self._majority, "release", name, owner, token)
 
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
@@ -572,16 +575,14 @@ class RedlockBackend(Backend):
         limit = max((int(r[5]) for r in granted), default=1)
         need = quorum(len(self._nodes), limit)
         if len(granted) >= need:
-            ends = sorted((sent + int(r[3]) / 1000 for r in granted), reverse=True)
-            validity = ends[need - 1] - _drift(ttl) - time.monotonic()
+            validity = _validity([sent + int(r[3]) / 1000 for r in granted], need, ttl)
             if validity <= 0:
                 raise BackendUnavailable(f"{self.url}: extending {name!r} took too long")
             return Grant(name=name, owner=owner, token=max(int(r[1]) for r in granted),
                          count=max(int(r[2]) for r in granted), ttl=validity)  # fmt: skip
-        self._refuse(replies, len(granted), need, "extend", name, owner, token)
-        raise AssertionError("unreachable")
+        raise self._refusal(replies, len(granted), need, "extend", name, owner, token)
 
-    def _refuse(
+    def _refusal(
         self,
         replies: dict[int, list[Any] | _Down],
         done: int,
@@ -590,20 +591,20 @@ class RedlockBackend(Backend):
         name: str,
         owner: str,
         token: int | None,
-    ) -> None:
-        """Raise why a release or extend reached fewer than ``need`` nodes."""
+    ) -> LockError:
+        """Why a release or extend reached fewer than ``need`` nodes."""
         down = sum(1 for r in replies.values() if r is _DOWN)
         if done + down >= need:  # the nodes that did not answer may still hold it
-            raise BackendUnavailable(
+            return BackendUnavailable(
                 f"{self.url}: {what} of {name!r} reached {len(replies) - down} of "
                 f"{len(replies)} nodes; {need} are needed"
             )
         statuses = {r[0] for r in replies.values() if isinstance(r, list)}
         for status in ("revoked", "lost", "not_held"):
             if status in statuses:
-                raise _not_held(status, name, owner, token)
-        raise LockLost(f"the hold of {name!r} is on too few nodes", name=name, owner=owner,
-                       token=token)  # fmt: skip
+                return _not_held(status, name, owner, token)
+        return LockLost(f"the hold of {name!r} is on too few nodes", name=name, owner=owner,
+                        token=token)  # fmt: skip
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
         replies = await self._fan_run("INSPECT", namespace, name)
