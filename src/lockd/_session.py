@@ -22,13 +22,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from lockd._runtime import Call, Runtime
 from lockd.backends import Backend
+from lockd.backends.base import AcquireRequest
 from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked, StoreRefused
 from lockd.model import Grant, LockState
 
@@ -40,6 +43,9 @@ RENEW_FRACTION = 1 / 3
 """Renew when this fraction of the ttl has passed."""
 DRIFT = 0.01
 """Fraction of a duration by which the store's clock may run differently from ours."""
+ADOPT_FRACTION = 1 / 6
+"""Holds granted in a caller's thread get their renewal timer within this fraction of
+their ttl (well before a renewal is due at RENEW_FRACTION)."""
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 
@@ -88,6 +94,8 @@ class HoldState:
         """Starts the next renewal (or, with renewal off, the ttl check)."""
         self.renewer: asyncio.Task[None] | None = None
         """The renewal in flight, if any."""
+        self.releasing = False
+        """A release is on its way from a caller's thread: start no renewal."""
         self.deadline = 0.0
         self.renew_at = 0.0
         self.lease(anchor, grant.ttl)
@@ -140,13 +148,24 @@ class HoldState:
 
 
 class Session:
-    """Acquire, extend and release through one backend, and keep the holds alive."""
+    """Acquire, extend and release through one backend, and keep the holds alive.
 
-    def __init__(self, backend: Backend, namespace: str) -> None:
+    Its coroutines run on the I/O loop. When the backend has a direct path, sync
+    callers acquire and release in their own thread (``acquire_now``, ``release_now``);
+    what needs the loop then (a queued wait, a retry, renewal) is handed to it.
+    """
+
+    def __init__(self, backend: Backend, namespace: str, rt: Runtime) -> None:
         self.backend = backend
         self.namespace = namespace
+        self._rt = rt
         self._holds: dict[tuple[str, str], HoldState] = {}
-        self._guard = threading.Lock()  # the dict is read from callers' threads
+        self._guard = threading.Lock()  # the fields below, shared by callers and the loop
+        self._unwatched: list[HoldState] = []
+        """Holds granted in callers' threads, waiting for the loop to set their timers."""
+        self._sweep_every = math.inf
+        """Seconds between the loop's looks at ``_unwatched`` (inf: not looking)."""
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def hold(self, name: str, owner: str) -> HoldState | None:
         """The current hold state of (name, owner), if this session knows one."""
@@ -168,44 +187,112 @@ class Session:
         limit: int,
         renew: bool,
         listener: Listener | None,
+        request_id: str | None = None,
+        sent: float | None = None,
     ) -> HoldState:
         """Acquire (or re-enter) and start the watchdog.
 
         A request the store may have applied without our hearing (BackendUnavailable)
-        is retried with the same request id, so it is applied once.
+        is retried with the same request id, so it is applied once. ``request_id`` and
+        ``sent`` continue an acquire begun in a caller's thread.
         """
         known = self.hold(name, owner)
         if known is not None and known.ended and known.count > 0:
             raise known.error()  # nested code must not go on as if it still held
-        sent = time.monotonic()
-        rid = _request_id()
+        start = time.monotonic() if sent is None else sent
+        rid = request_id or _request_id()
 
         def attempt() -> Awaitable[Grant]:
-            left = None if wait is None else max(0.0, sent + wait - time.monotonic())
+            left = None if wait is None else max(0.0, start + wait - time.monotonic())
             return self.backend.acquire(self.namespace, name, owner, ttl=ttl, wait=left,
                                         limit=limit, request_id=rid)  # fmt: skip
 
-        grant = await _retrying(attempt, None if wait is None else sent + max(wait, RETRY_MAX))
+        grant = await _retrying(attempt, None if wait is None else start + max(wait, RETRY_MAX))
         # No await below: a cancellation must not land between the grant and its record.
+        return self._record(grant, ttl, renew, listener, start)
+
+    def acquire_now(
+        self,
+        name: str,
+        owner: str,
+        *,
+        ttl: float,
+        wait: float | None,
+        limit: int,
+        renew: bool,
+        listener: Listener | None,
+    ) -> HoldState | None:
+        """Acquire from a sync caller's thread through the backend's direct path.
+
+        None: make this acquire through the I/O loop instead (no direct path, or a
+        re-entry, whose record the loop updates).
+        """
+        direct = self.backend.direct
+        if direct is None:
+            return None
+        known = self.hold(name, owner)
+        if known is not None:
+            if not known.ended:
+                return None
+            if known.count > 0:
+                raise known.error()
+        sent = time.monotonic()
+        rid = _request_id()
+        outcome: Grant | Awaitable[Grant | HoldState] | None
+        try:
+            outcome = direct.acquire(
+                AcquireRequest(self.namespace, name, owner, ttl, wait, limit, rid)
+            )
+        except BackendUnavailable as exc:
+            if isinstance(exc, StoreRefused):
+                raise
+            outcome = self.acquire(name, owner, ttl=ttl, wait=wait, limit=limit, renew=renew,
+                                   listener=listener, request_id=rid, sent=sent)  # fmt: skip
+        except BaseException:  # interrupted: the store may have applied it, so undo it
+            self._rt.submit(_quietly(self.backend.abandon(self.namespace, name, owner, rid)))
+            raise
+        if outcome is None:
+            return None
+        if isinstance(outcome, Grant):
+            return self._record(outcome, ttl, renew, listener, sent)
+
+        async def granted(waiting: Awaitable[Grant | HoldState]) -> HoldState:
+            done = await waiting
+            if isinstance(done, HoldState):
+                return done
+            return self._record(done, ttl, renew, listener, sent)
+
+        async def give_back(_: HoldState) -> None:
+            await self.release(name, owner)
+
+        return Call(self._rt, granted(outcome), give_back=give_back).result()
+
+    def _record(
+        self, grant: Grant, ttl: float, renew: bool, listener: Listener | None, sent: float
+    ) -> HoldState:
+        """Record a grant (new hold, or a re-entry of the known one) and watch it."""
         anchor = sent + grant.waited * (1 - DRIFT)
-        if known is not None and known.token == grant.token and not known.ended:
-            known.count = grant.count
-            known.ttl = ttl
-            known.lease(anchor, grant.ttl)
-            hold = known
-        else:
+        key = (grant.name, grant.owner)
+        with self._guard:
+            known = self._holds.get(key)
+            if known is not None and known.token == grant.token and not known.ended:
+                known.count = grant.count
+                known.ttl = ttl
+                known.lease(anchor, grant.ttl)
+                hold = known
+            else:
+                hold = HoldState(grant.name, grant.owner, ttl, grant, anchor)
+                hold.renew = renew
+                self._holds[key] = hold
+            if listener is not None and listener not in hold.listeners:
+                hold.listeners.append(listener)
+        if hold is not known:
             if known is not None:  # the store granted afresh, so the earlier hold had ended
                 self._end(known, LockState.LOST, f"the store granted a new token {grant.token}")
-            hold = HoldState(name, owner, ttl, grant, anchor)
-            hold.renew = renew
-            with self._guard:
-                self._holds[(name, owner)] = hold
             self._watch(hold)
-        if listener is not None and listener not in hold.listeners:
-            hold.listeners.append(listener)
         return hold
 
-    async def release(self, name: str, owner: str) -> int:
+    async def release(self, name: str, owner: str, request_id: str | None = None) -> int:
         """Release one count; returns the count left. Ended holds raise their error.
 
         An ended hold stays known (its state and ``lost`` event readable) until the
@@ -218,26 +305,67 @@ class Session:
         if hold is not None and hold.count <= 1:
             await self._stop_renewal(hold)  # renewal stops before the release is sent
         token = hold.token if hold is not None else None
-        rid = _request_id()
+        rid = request_id or _request_id()
         try:
             left = await _retrying(
                 lambda: self.backend.release(self.namespace, name, owner, token, rid),
                 hold.deadline if hold is not None else time.monotonic() + RETRY_MAX,
             )
         except NotHeld as exc:
-            if hold is not None:
-                self._end(hold, LockState.REVOKED if isinstance(exc, Revoked) else LockState.LOST,
-                          exc.message)  # fmt: skip
-                hold.count = max(0, hold.count - 1)
+            self._released(hold, exc)
             raise
-        if hold is not None:
-            hold.count = left
-            if left == 0:
-                hold.state = LockState.RELEASED
-                self._forget(hold)
-            else:
-                self._watch(hold)
+        self._released(hold, left)
         return left
+
+    def release_now(self, name: str, owner: str) -> int | None:
+        """Release the last count from a sync caller's thread, through the direct path.
+
+        None: release through the I/O loop instead (no direct path, a reentrant count,
+        an ended hold, or a renewal in flight, which the loop stops first).
+        """
+        direct = self.backend.direct
+        hold = self.hold(name, owner)
+        if direct is None or hold is None or hold.ended or hold.count != 1:
+            return None
+        with self._guard:
+            if hold.renewer is not None:
+                return None
+            hold.releasing = True  # from here on the watchdog starts no renewal
+        rid = _request_id()
+        try:
+            left = direct.release(self.namespace, name, owner, hold.token, rid)
+        except NotHeld as exc:
+            self._released(hold, exc)
+            raise
+        except BackendUnavailable as exc:
+            if isinstance(exc, StoreRefused):
+                hold.releasing = False
+                raise
+            return Call(self._rt, self.release(name, owner, rid), finish=True).result()
+        except BaseException:  # interrupted: the loop finishes the release
+            self._rt.submit(_quietly(self.release(name, owner, rid)))
+            raise
+        self._released(hold, left)
+        return left
+
+    def _released(self, hold: HoldState | None, outcome: int | NotHeld) -> None:
+        """Record what a release of ``hold`` came to: the count left, or why not held."""
+        if hold is None:
+            return
+        if isinstance(outcome, NotHeld):
+            state = LockState.REVOKED if isinstance(outcome, Revoked) else LockState.LOST
+            self._end(hold, state, outcome.message)
+            hold.count = max(0, hold.count - 1)
+            return
+        hold.count = outcome
+        hold.releasing = False
+        if outcome == 0:
+            hold.state = LockState.RELEASED
+            self._forget(hold)
+            if hold.timer is not None:
+                self._on_loop(hold.disarm)
+        else:
+            self._watch(hold)
 
     async def extend(self, name: str, owner: str, ttl: float) -> HoldState | None:
         """Make the hold last ``ttl`` seconds from now (and renew with that ttl)."""
@@ -266,6 +394,9 @@ class Session:
 
     async def close(self, release: bool = True) -> None:
         """Stop every watchdog; release every hold still had, or leave them to expire."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for hold in self.holds():
             await self._stop_renewal(hold)
             if hold.ended or not release:
@@ -289,8 +420,14 @@ class Session:
     # --- the watchdog -----------------------------------------------------------------
 
     def _watch(self, hold: HoldState) -> None:
-        """Set the timer for the hold's next renewal (or ttl check), unless one is set."""
-        if hold.ended or hold.timer is not None:
+        """Set the timer for the hold's next renewal (or ttl check), unless one is set.
+
+        From a caller's thread the hold is left for the loop's next sweep instead.
+        """
+        if not self._rt.in_loop():
+            self._adopt(hold)
+            return
+        if hold.ended or hold.releasing or hold.timer is not None:
             return
         if hold.renewer is not None and not hold.renewer.done():
             return  # the renewal in flight sets the next timer
@@ -298,12 +435,44 @@ class Session:
         delay = max(0.0, due - time.monotonic())
         hold.timer = asyncio.get_running_loop().call_later(delay, self._due, hold)
 
+    def _adopt(self, hold: HoldState) -> None:
+        """Leave a hold granted in a caller's thread for the loop to watch.
+
+        The loop sweeps the list at ``ttl * ADOPT_FRACTION`` intervals while holds live,
+        so a caller wakes the loop only when the sweeps are not yet frequent enough;
+        a hold released before the next sweep costs the loop nothing.
+        """
+        every = hold.ttl * ADOPT_FRACTION
+        with self._guard:
+            self._unwatched.append(hold)
+            if every >= self._sweep_every:
+                return
+            self._sweep_every = every
+        self._rt.loop.call_soon_threadsafe(self._sweep)
+
+    def _sweep(self) -> None:
+        """Set the timers of the holds granted in callers' threads (on the loop)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        with self._guard:
+            pending, self._unwatched = self._unwatched, []
+            if not pending and not self._holds:
+                self._sweep_every, self._sweeper = math.inf, None
+                return
+            every = self._sweep_every
+        for hold in pending:
+            self._watch(hold)
+        self._sweeper = self._rt.loop.call_later(every, self._sweep)
+
     def _due(self, hold: HoldState) -> None:
         hold.timer = None
         if hold.ended:
             return
         if hold.renew:
-            hold.renewer = asyncio.get_running_loop().create_task(self._renewal(hold))
+            with self._guard:  # against a release starting in a caller's thread
+                if hold.releasing:
+                    return
+                hold.renewer = asyncio.get_running_loop().create_task(self._renewal(hold))
         elif time.monotonic() >= hold.deadline:
             self._end(hold, LockState.LOST, "its ttl ran out (renewal was off)")
         else:  # extended meanwhile
@@ -360,6 +529,7 @@ class Session:
                 await task
 
     def _end(self, hold: HoldState, state: LockState, reason: str) -> None:
+        """Mark the hold lost or revoked, tell its listeners, stop its watchdog."""
         if hold.ended:
             return
         hold.lose(state, reason)
@@ -370,14 +540,32 @@ class Session:
                 listener(hold)
             except Exception:
                 log.exception("on_lost listener of %r failed", hold.name)
+        self._on_loop(self._unwatch, hold)
+
+    def _unwatch(self, hold: HoldState) -> None:
         hold.disarm()
         if hold.renewer is not None and hold.renewer is not asyncio.current_task():
             hold.renewer.cancel()
+
+    def _on_loop(self, func: Callable[..., object], *args: Any) -> None:
+        """Call ``func(*args)`` now if on the loop, else soon on it (loop-only state)."""
+        if self._rt.in_loop():
+            func(*args)
+        else:
+            self._rt.loop.call_soon_threadsafe(func, *args)
 
     def _forget(self, hold: HoldState) -> None:
         with self._guard:
             if self._holds.get((hold.name, hold.owner)) is hold:
                 del self._holds[(hold.name, hold.owner)]
+
+
+async def _quietly(work: Awaitable[object]) -> None:
+    """Await ``work`` for a caller that has gone: its failure is only logged."""
+    try:
+        await work
+    except Exception as exc:
+        log.warning("finishing an interrupted call failed: %s", exc)
 
 
 async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None) -> T:

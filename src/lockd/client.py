@@ -76,7 +76,7 @@ class _ClientBase:
             self._rt.submit(self._rt.close_store(backend)).result()
             raise
         self.capabilities: Capabilities = backend.capabilities
-        self._session = Session(backend, self.namespace)
+        self._session = Session(backend, self.namespace, self._rt)
         self._closed = False
 
     def _call(self, coro: Coroutine[Any, Any, T], **kw: Any) -> Call[T]:
@@ -153,11 +153,14 @@ class _LockBase(Generic[T]):
         hold = self._hold()
         return LockState.RELEASED if hold is None else hold.state
 
+    def _wait_for(self, wait: Duration | None) -> float | None:
+        return self.wait if wait is _UNSET else check_wait(wait)
+
     def _acquire_call(self, wait: Duration | None) -> Call[HoldState]:
         base = self._base()
         session = base._session
         name, owner = self.name, self.owner
-        wait_s = self.wait if wait is _UNSET else check_wait(wait)
+        wait_s = self._wait_for(wait)
 
         async def give_back(_: HoldState) -> None:
             await session.release(name, owner)
@@ -297,20 +300,30 @@ class Lock(_LockBase[Client]):
 
     def acquire(self, wait: Duration | None = _UNSET) -> Acquired:
         """Block until granted (or ``wait`` seconds pass: AcquireTimeout)."""
-        self._acquire_call(wait).result()
+        self._acquire(wait)
         return Acquired(self)
 
     def try_acquire(self) -> bool:
         """Acquire if free right now; never waits."""
         try:
-            self._acquire_call(0).result()
+            self._acquire(0)
         except AcquireTimeout:
             return False
         return True
 
+    def _acquire(self, wait: Duration | None) -> None:
+        # In this thread when the store offers a direct path, else on the I/O loop.
+        hold = self.client._session.acquire_now(
+            self.name, self.owner, ttl=self.ttl, wait=self._wait_for(wait), limit=self.limit,
+            renew=self.renew, listener=self._listener(),
+        )  # fmt: skip
+        if hold is None:
+            self._acquire_call(wait).result()
+
     def release(self) -> None:
         """Release one count (LockLost/Revoked if the hold ended, NotHeld if not held)."""
-        self._release_call().result()
+        if self.client._session.release_now(self.name, self.owner) is None:
+            self._release_call().result()
 
     def extend(self, ttl: Duration | None = None) -> None:
         """Make the hold last ``ttl`` (default: the lock's ttl) seconds from now."""

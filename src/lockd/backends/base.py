@@ -31,7 +31,7 @@ from lockd.model import (
     check_wait,
 )
 
-__all__ = ["AcquireRequest", "Backend", "require_safety", "undo_on_cancel"]
+__all__ = ["AcquireRequest", "Backend", "DirectPath", "require_safety", "undo_on_cancel"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,29 @@ class AcquireRequest:
     request_id: str | None
 
 
+class DirectPath(abc.ABC):
+    """Blocking acquire and release made in the caller's own thread, for sync clients.
+
+    Optional: a backend offers one (as ``Backend.direct``) when a round trip from the
+    caller's thread costs less than a hand-off to the I/O loop and back. Its input comes
+    from the SDK, already validated. When a call fails in a way that leaves unknown
+    whether the store applied it, it raises BackendUnavailable and the SDK makes the
+    call again through the backend's coroutines with the same request id.
+    """
+
+    @abc.abstractmethod
+    def acquire(self, req: AcquireRequest) -> Grant | Coroutine[Any, Any, Grant] | None:
+        """The grant; or, when the request is queued, a coroutine for the I/O loop that
+        waits for it (and abandons it if cancelled); or None: make the whole call on the
+        I/O loop instead (nothing was sent)."""
+
+    @abc.abstractmethod
+    def release(
+        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+    ) -> int:
+        """As :meth:`Backend.release`."""
+
+
 class Backend(abc.ABC):
     """What the SDK and the server need from a store. All methods are coroutines.
 
@@ -57,6 +80,8 @@ class Backend(abc.ABC):
 
     url: str
     capabilities: Capabilities
+    direct: DirectPath | None = None
+    """Set by a backend that can serve sync callers in their own thread (once open)."""
 
     async def acquire(
         self,

@@ -255,8 +255,7 @@ class RedlockBackend(Backend):
                 grant = await self._round(req, rnd, end, woken)
             finally:
                 for node in self._nodes:
-                    node._wake.pop(rnd.attempt, None)
-                    node._delivered.pop(rnd.attempt, None)
+                    node._forget_attempt(rnd.attempt)
             if grant is not None:
                 return Grant(name=name, owner=owner, token=grant.token, count=grant.count,
                              ttl=grant.ttl, waited=time.monotonic() - started)  # fmt: skip
