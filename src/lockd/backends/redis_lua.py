@@ -4,30 +4,49 @@ Every script receives the same nine keys, all of one name and so all with one ha
 (``lockd:{NAMESPACE:NAME}:...``), which keeps them in one Redis Cluster slot:
 
 ==========  =============================================================================
-``holds``   hash owner -> ``token|count|expires_ms|ttl_ms|granted_ms|acquired_at_ms``
+``holds``   hash owner -> ``token|count|expires_ms|granted_ms|limit``
 ``hexp``    sorted set owner by expires_ms (finds expired holds and the earliest expiry)
 ``token``   the name's INCR counter: the last token issued; never deleted
 ``queue``   list of waiter ids (``owner<TAB>request_id``), FIFO
 ``waiters`` hash waiter id -> ``attempt|ttl_ms|enqueued_us|deadline_ms``
 ``wdead``   sorted set waiter id by deadline_ms: waiters that stop checking in drop out
 ``req``     prefix of one string key per remembered request id,
-            ``req<TAB>op<TAB>owner<TAB>request_id`` -> outcome, expiring after REQ_KEEP_MS
+            ``req<TAB>op<TAB>owner<TAB>request_id`` -> outcome, expiring after REQ_KEEP_MS;
+            op ``acquire`` (its grant, or ``abandoned`` once abandoned) or ``release``
 ``revoked`` sorted set of force-released tokens (the newest MAX_REVOKED kept)
-``limit``   the resource's holder limit, kept while it has a holder or a waiter
+``limit``   the resource's holder limit if not 1, kept while it has a holder or a waiter
 ==========  =============================================================================
+
+``granted_ms`` is when the hold was granted (both its held-for time and its
+acquired-at time come from it); ``limit`` is the limit it was granted under.
 
 Time is Redis's own clock (``TIME``, allowed in scripts since Redis 5 with effects
 replication, the only mode of Redis 7); no client timestamp is ever used for expiry.
-Every script first drops expired holds and dead waiters, then grants queued waiters
-in order while slots are free (``settle``), and finally wakes the waiters it granted or
-removed. A waiter's attempt id is ``INBOX.ID``: the wake-up goes to the channel
+Every script drops expired holds and dead waiters before any decision they could
+change, then grants queued waiters in order while slots are free (``settle``), and
+finally wakes the waiters it granted or removed. (Releasing the owner's own live hold
+while nobody waits is a decision they cannot change, so that release does not look for
+them.) A waiter's attempt id is ``INBOX.ID``: the wake-up goes to the channel
 ARGV[1] .. INBOX, which only the waiter's own client subscribes to, as
 ``ATTEMPT=token,count,ttl_left_ms,waited_us`` for a grant (the waiter needs no further
 round trip) or ``ATTEMPT`` alone for a waiter that was removed or replaced; several
 items of one message are separated by spaces.
 
 Each script is a header comment (its KEYS and ARGV), then the shared ``PRELUDE``, then
-its body. Replies are arrays whose first element is a status word.
+(ACQUIRE and RELEASE) its common case, then the shared ``HELPERS``, then its body.
+Replies are arrays whose first element is a status word.
+
+The common calls, an uncontended acquire or release, are kept cheap for Redis: each
+``redis.call`` costs about a microsecond, and so does each handful of functions a script
+defines (every call that reaches a definition pays for it). So the common case returns
+before ``HELPERS`` defines the queue's machinery, and calls whose answer is known are
+skipped, thanks to two invariants that every script keeps:
+
+* settle leaves waiters only behind holders, so a name without holds has no queue
+  either (and nothing to expire);
+* the limit is fixed while a name has holders or waiters (a request with another limit
+  is refused), and each hold records it, so dropping a hold of limit 1 leaves no
+  ``limit`` key to delete.
 """
 
 from __future__ import annotations
@@ -57,47 +76,89 @@ KEY_SUFFIXES = (
 """The keys of one name, in the order every script receives them."""
 
 _KEYS_DOC = """\
--- KEYS[1] holds    hash owner -> token|count|expires_ms|ttl_ms|granted_ms|acquired_at_ms
+-- KEYS[1] holds    hash owner -> token|count|expires_ms|granted_ms|limit (granted under)
 -- KEYS[2] hexp     zset owner by expires_ms
 -- KEYS[3] token    INCR counter of the name (never deleted)
 -- KEYS[4] queue    list of waiter ids "owner\\trequest_id", FIFO
 -- KEYS[5] waiters  hash waiter id -> attempt|ttl_ms|enqueued_us|deadline_ms
 -- KEYS[6] wdead    zset waiter id by deadline_ms
--- KEYS[7] req      prefix of "req\\top\\towner\\trequest_id" keys -> outcome (expiring)
+-- KEYS[7] req      prefix of "req\\top\\towner\\trequest_id" keys -> outcome (expiring);
+--                  op acquire (grant, or 'abandoned') or release (count left)
 -- KEYS[8] revoked  zset of force-released tokens
 -- KEYS[9] limit    holder limit of the resource while it holds or queues, if not 1
 """
 
 PRELUDE = r"""
-local K_HOLDS, K_HEXP, K_TOKEN, K_QUEUE, K_WAITERS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_WDEAD, K_REQ, K_REVOKED, K_LIMIT = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local CHANNEL = ARGV[1]
-local REQ_KEEP_MS = 600000
-local MAX_REVOKED = 1000
+local K_HOLDS, K_HEXP, K_TOKEN, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_REQ, K_LIMIT = KEYS[7], KEYS[9]
+-- Numbers given to redis.call are text first: string.format('%d') makes it much faster
+-- than Redis's own conversion (%.17g), so the common calls pass text.
+local REQ_KEEP_MS = '600000'
+local ABANDONED = 'abandoned'  -- an acquire request's outcome once abandoned
 local clock = redis.call('TIME')
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local now = math.floor(now_us / 1000)
-local woken = {}
-local n_holds, n_queue = 0, 0  -- sizes of holds and queue, as settle() left them
+-- Sizes of holds and queue as last counted (nil: not counted yet).
+local n_holds, n_queue = nil, nil
+-- Set when something was removed whose name may keep a limit key: an idle name then
+-- deletes it. (Dropping a hold of limit 1 does not: that name has no limit key.)
+local drop_limit = false
 
-local function get_hold(owner)
-  local v = redis.call('HGET', K_HOLDS, owner)
+-- The owner's hold (nil if none), from its stored value v when the caller has it.
+local function get_hold(owner, v)
+  v = v or redis.call('HGET', K_HOLDS, owner)
   if not v then return nil end
-  local tok, cnt, exp, ttl, gr, at = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
+  local tok, cnt, exp, gr, lim = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
   return {owner = owner, token = tonumber(tok), count = tonumber(cnt), expires = tonumber(exp),
-          ttl = tonumber(ttl), granted = tonumber(gr), at = tonumber(at)}
+          granted = tonumber(gr), limit = tonumber(lim)}
 end
 
 local function put_hold(h)
+  local expires = string.format('%d', h.expires)
   redis.call('HSET', K_HOLDS, h.owner,
-    string.format('%d|%d|%d|%d|%d|%d', h.token, h.count, h.expires, h.ttl, h.granted, h.at))
-  redis.call('ZADD', K_HEXP, h.expires, h.owner)
+    string.format('%d|%d|%s|%d|%d', h.token, h.count, expires, h.granted, h.limit))
+  redis.call('ZADD', K_HEXP, expires, h.owner)
 end
 
-local function del_hold(owner)
-  redis.call('HDEL', K_HOLDS, owner)
-  redis.call('ZREM', K_HEXP, owner)
+local function del_hold(h)
+  redis.call('HDEL', K_HOLDS, h.owner)
+  redis.call('ZREM', K_HEXP, h.owner)
+  if n_holds then n_holds = n_holds - 1 end
+  if h.limit ~= 1 then drop_limit = true end
 end
+
+local function new_hold(owner, ttl, limit)
+  local h = {owner = owner, token = redis.call('INCR', K_TOKEN), count = 1,
+             expires = now + ttl, granted = now, limit = limit}
+  put_hold(h)
+  return h
+end
+
+local function drop_one(h)
+  h.count = h.count - 1
+  if h.count == 0 then del_hold(h) else put_hold(h) end
+  return h.count
+end
+
+-- Remembered request ids: one expiring key each, under the name's hash tag. A request
+-- without an id ('') is not remembered: its key is nil (read as `key and GET key`).
+local function req_key(op, owner, rid)
+  if rid == '' then return nil end
+  return K_REQ .. '\t' .. op .. '\t' .. owner .. '\t' .. rid
+end
+
+local function remember(key, value)
+  if key then redis.call('SET', key, value, 'PX', REQ_KEEP_MS) end
+end
+"""
+
+HELPERS = r"""
+-- Past the common case: queues, expiry, wake-ups and refusals.
+local K_WAITERS, K_WDEAD, K_REVOKED = KEYS[5], KEYS[6], KEYS[8]
+local woken = {}
+local granted = {}  -- waiter id -> grant this script remembered for it
+local expired = false  -- expire() has run
+local limit_now = nil  -- the limit key's value (1 when absent), once read
 
 local function get_waiter(id)
   local v = redis.call('HGET', K_WAITERS, id)
@@ -109,105 +170,111 @@ local function get_waiter(id)
 end
 
 local function put_waiter(w)
+  local deadline = string.format('%d', w.deadline)
   redis.call('HSET', K_WAITERS, w.id,
-    string.format('%s|%d|%d|%d', w.attempt, w.ttl, w.enqueued, w.deadline))
-  redis.call('ZADD', K_WDEAD, w.deadline, w.id)
+    string.format('%s|%d|%d|%s', w.attempt, w.ttl, w.enqueued, deadline))
+  redis.call('ZADD', K_WDEAD, deadline, w.id)
 end
 
 local function del_waiter(id)
-  redis.call('LREM', K_QUEUE, 1, id)
+  n_queue = n_queue - redis.call('LREM', K_QUEUE, 1, id)
   redis.call('HDEL', K_WAITERS, id)
   redis.call('ZREM', K_WDEAD, id)
+  drop_limit = true
 end
 
--- Remembered request ids: one expiring key each, under the name's hash tag.
-local function req_key(op, owner, rid)
-  return K_REQ .. '\t' .. op .. '\t' .. owner .. '\t' .. rid
-end
-
-local function remembered(op, owner, rid)
-  if rid == '' then return nil end
-  return redis.call('GET', req_key(op, owner, rid)) or nil
-end
-
-local function remember(op, owner, rid, value)
-  if rid == '' then return end
-  redis.call('SET', req_key(op, owner, rid), value, 'PX', REQ_KEEP_MS)
-end
-
--- "token" or "token|waited_us|attempt" (a grant handed to a queued waiter)
+-- "token" or "token|waited_us|attempt" (a grant handed to a queued waiter); no token
+-- for ABANDONED
 local function parse_grant(v)
   local tok, waited, att = string.match(v, '^(%d+)|(%d+)|(.*)$')
   if tok then return tonumber(tok), tonumber(waited), att end
   return tonumber(v), 0, nil
 end
 
-local function new_hold(owner, ttl)
-  local tok = redis.call('INCR', K_TOKEN)
-  local h = {owner = owner, token = tok, count = 1, expires = now + ttl, ttl = ttl,
-             granted = now, at = now}
-  put_hold(h)
-  return h
-end
-
 local function reenter(h, ttl)
   h.count = h.count + 1
-  if now + ttl >= h.expires then  -- a re-entry never shortens the hold
-    h.expires = now + ttl
-    h.ttl = ttl
-  end
+  if now + ttl > h.expires then h.expires = now + ttl end  -- never shortens the hold
   put_hold(h)
 end
 
 local function current_limit()
-  return tonumber(redis.call('GET', K_LIMIT) or '1') or 1
-end
-
--- Grant queued waiters in order while slots are free; forget an idle resource's limit.
--- Leaves n_holds and n_queue set. (Each redis.call costs about a microsecond on top of
--- its command, so an idle queue is looked at once.)
-local function settle()
-  n_queue = redis.call('LLEN', K_QUEUE)
-  n_holds = redis.call('HLEN', K_HOLDS)
-  if n_queue > 0 then
-    local dead = redis.call('ZRANGEBYSCORE', K_WDEAD, '-inf', now)
-    for _, id in ipairs(dead) do del_waiter(id) end
-    local limit = current_limit()
-    while true do
-      local id = redis.call('LINDEX', K_QUEUE, 0)
-      if not id then break end
-      local w = get_waiter(id)
-      if not w then
-        redis.call('LPOP', K_QUEUE)
-      else
-        local h = get_hold(w.owner)
-        if not h and n_holds >= limit then break end
-        del_waiter(id)
-        if h then
-          reenter(h, w.ttl)
-        else
-          h = new_hold(w.owner, w.ttl)
-          n_holds = n_holds + 1
-        end
-        remember('acquire', w.owner, w.rid,
-          string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt))
-        table.insert(woken, string.format('%s=%d,%d,%d,%d', w.attempt, h.token, h.count,
-          h.expires - now, now_us - w.enqueued))
-      end
-    end
-    n_queue = redis.call('LLEN', K_QUEUE)
-  end
-  if n_holds == 0 and n_queue == 0 then redis.call('DEL', K_LIMIT) end
+  if not limit_now then limit_now = tonumber(redis.call('GET', K_LIMIT) or '1') or 1 end
+  return limit_now
 end
 
 -- Drop holds whose expiry has come (Redis's clock).
 local function expire()
-  local gone = redis.call('ZRANGEBYSCORE', K_HEXP, '-inf', now)
-  for _, owner in ipairs(gone) do del_hold(owner) end
+  expired = true
+  local gone = redis.call('ZRANGEBYSCORE', K_HEXP, '-inf', string.format('%d', now))
+  for _, owner in ipairs(gone) do
+    redis.call('HDEL', K_HOLDS, owner)
+    redis.call('ZREM', K_HEXP, owner)
+    drop_limit = true
+  end
+  if n_holds then n_holds = n_holds - #gone end
 end
 
--- Drop expired holds, then settle.
+-- Grant queued waiters in order while slots are free (the queue is not empty).
+local function grant_waiters()
+  if not expired then expire() end  -- expired holds free their slots first
+  local dead = redis.call('ZRANGEBYSCORE', K_WDEAD, '-inf', string.format('%d', now))
+  for _, id in ipairs(dead) do del_waiter(id) end
+  n_holds = n_holds or redis.call('HLEN', K_HOLDS)
+  local limit = current_limit()
+  while n_queue > 0 do
+    local id = redis.call('LINDEX', K_QUEUE, 0)
+    if not id then break end
+    -- A full name can still grant the head to an owner that holds already (re-entry).
+    local h = nil
+    if n_holds > 0 then h = get_hold(string.match(id, '^([^\t]*)')) end
+    if not h and n_holds >= limit then break end
+    local w = get_waiter(id)
+    if not w then
+      redis.call('LPOP', K_QUEUE)
+      n_queue = n_queue - 1
+      drop_limit = true
+    else
+      del_waiter(id)
+      if h then
+        reenter(h, w.ttl)
+      else
+        h = new_hold(w.owner, w.ttl, limit)
+        n_holds = n_holds + 1
+      end
+      local key = req_key('acquire', w.owner, w.rid)
+      if key then
+        local grant = string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt)
+        remember(key, grant)
+        granted[id] = grant
+      end
+      table.insert(woken, string.format('%s=%d,%d,%d,%d', w.attempt, h.token, h.count,
+        h.expires - now, now_us - w.enqueued))
+    end
+  end
+end
+
+-- Grant queued waiters in order while slots are free; forget an idle resource's limit.
+-- Leaves n_queue (and, if it had to count them, n_holds) set.
+local function settle()
+  n_queue = n_queue or redis.call('LLEN', K_QUEUE)
+  if n_queue > 0 then grant_waiters() end
+  if drop_limit and n_queue == 0 then
+    n_holds = n_holds or redis.call('HLEN', K_HOLDS)
+    if n_holds == 0 then
+      redis.call('DEL', K_LIMIT)
+      limit_now = 1
+    end
+  end
+end
+
+-- Drop expired holds, then settle. A name without holds has no queue either (settle
+-- leaves waiters only behind holders), so it needs neither.
 local function touch()
+  n_holds = n_holds or redis.call('HLEN', K_HOLDS)
+  if n_holds == 0 then
+    n_queue = 0
+    return
+  end
   expire()
   settle()
 end
@@ -226,12 +293,13 @@ local function finish(reply)
     table.insert(inboxes[inbox], item)
   end
   for _, inbox in ipairs(order) do
-    redis.call('PUBLISH', CHANNEL .. inbox, table.concat(inboxes[inbox], ' '))
+    redis.call('PUBLISH', ARGV[1] .. inbox, table.concat(inboxes[inbox], ' '))
   end
   return reply
 end
 
 -- Find the owner's live hold (matching token when one is given), or say why not.
+-- Expired holds must be dropped first.
 local function find(owner, token)
   local h = get_hold(owner)
   if h and (token == 0 or h.token == token) then return h, nil end
@@ -245,31 +313,21 @@ local function find(owner, token)
   return nil, 'not_held'
 end
 
-local function grant_reply(h, waited_us, limit)
-  return {'granted', h.token, h.count, h.expires - now, waited_us, limit}
-end
-
--- "owner (token N), ..." of the live holds, for a timeout's message
-local function holders_text()
-  local parts = {}
-  local all = redis.call('HGETALL', K_HOLDS)
-  for i = 1, #all, 2 do
-    table.insert(parts, all[i] .. ' (token ' .. string.match(all[i + 1], '^(%d+)|') .. ')')
-  end
-  if #parts == 0 then return 'nobody' end
-  return table.concat(parts, ', ')
-end
-
-local function drop_one(h)
-  h.count = h.count - 1
-  if h.count == 0 then del_hold(h.owner) else put_hold(h) end
-  return h.count
+local function grant_reply(h, waited_us)
+  return {'granted', h.token, h.count, h.expires - now, waited_us, h.limit}
 end
 """
 
 
-def _script(header: str, body: str) -> str:
-    return header + _KEYS_DOC + PRELUDE + body
+def _script(header: str, body: str, common_case: str = "") -> str:
+    """A script: its header, the keys, PRELUDE, its common case, HELPERS, its body.
+
+    Each function a script defines costs every call that reaches the definition, so
+    the common case (an uncontended acquire or release) comes before HELPERS and
+    returns without making them. The body handles every other case, going on from what
+    the common case has read or done.
+    """
+    return header + _KEYS_DOC + PRELUDE + common_case + HELPERS + body
 
 
 ACQUIRE = _script(
@@ -284,9 +342,23 @@ ACQUIRE = _script(
 --   | {'replaced'} | {'gone', holders} | {'lost', token}
 --   | {'invalid', current_limit}
 """,
-    r"""
-local owner, rid, attempt = ARGV[2], ARGV[3], ARGV[4]
-local ttl, limit, mode, lease = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+    common_case=r"""
+local owner, rid, ttl, limit = ARGV[2], ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
+local key = req_key('acquire', owner, rid)
+local rem = key and redis.call('GET', key)
+if rem == ABANDONED then return {'abandoned'} end
+n_holds = redis.call('HLEN', K_HOLDS)
+if n_holds == 0 and not rem and ARGV[7] ~= 'leave' then
+  -- Nobody holds, so nobody waits, nothing expires and there is no limit key (see the
+  -- invariants): a new request is granted at once.
+  if limit ~= 1 then redis.call('SET', K_LIMIT, limit) end
+  local h = new_hold(owner, ttl, limit)
+  remember(key, string.format('%d', h.token))
+  return {'granted', h.token, 1, ttl, 0, limit}
+end
+""",
+    body=r"""
+local attempt, mode, lease = ARGV[4], ARGV[7], tonumber(ARGV[8])
 local waiting = (mode == 'wait' or mode == 'leave')
 
 local function next_expiry()
@@ -295,17 +367,27 @@ local function next_expiry()
   return math.max(0, tonumber(first[2]) - now)
 end
 
-if remembered('abandon', owner, rid) then return finish({'abandoned'}) end
+-- "owner (token N), ..." of the live holds, for a timeout's message
+local function holders_text()
+  local parts = {}
+  local all = redis.call('HGETALL', K_HOLDS)
+  for i = 1, #all, 2 do
+    table.insert(parts, all[i] .. ' (token ' .. string.match(all[i + 1], '^(%d+)|') .. ')')
+  end
+  if #parts == 0 then return 'nobody' end
+  return table.concat(parts, ', ')
+end
+
 touch()
 local id = owner .. '\t' .. rid
-local rem = remembered('acquire', owner, rid)
+rem = granted[id] or rem  -- touch() may have granted this very request from the queue
 if rem then
   local tok, waited, att = parse_grant(rem)
   if waiting and att ~= nil and att ~= attempt then return finish({'replaced'}) end
   local h = get_hold(owner)
   if not h or h.token ~= tok then return finish({'lost', tok}) end
   if not waiting then waited = 0 end
-  return finish(grant_reply(h, waited, current_limit()))
+  return finish(grant_reply(h, waited))
 end
 local w = nil
 if n_queue > 0 then w = get_waiter(id) end
@@ -337,16 +419,17 @@ if w and mode == 'new' then  -- a retry of a queued request takes over its place
   put_waiter(w)
   return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
 end
-local h = get_hold(owner)
+local h = nil
+if n_holds > 0 then h = get_hold(owner) end
 if h then
   reenter(h, ttl)
-  remember('acquire', owner, rid, tostring(h.token))
-  return finish(grant_reply(h, 0, limit))
+  remember(key, string.format('%d', h.token))
+  return finish(grant_reply(h, 0))
 end
 if n_holds < limit and n_queue == 0 then
-  h = new_hold(owner, ttl)
-  remember('acquire', owner, rid, tostring(h.token))
-  return finish(grant_reply(h, 0, limit))
+  h = new_hold(owner, ttl, limit)
+  remember(key, string.format('%d', h.token))
+  return finish(grant_reply(h, 0))
 end
 if mode == 'try' then return finish({'denied', holders_text()}) end
 put_waiter({id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease})
@@ -362,18 +445,36 @@ RELEASE = _script(
 -- ARGV[4] request id ('' none)
 -- Replies: {'ok', count_left} | {'not_held'} | {'lost'} | {'revoked'}
 """,
-    r"""
-local owner, token, rid = ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local rem = remembered('release', owner, rid)
+    common_case=r"""
+local owner, token = ARGV[2], tonumber(ARGV[3])
+local key = req_key('release', owner, ARGV[4])
+local rem = key and redis.call('GET', key)
 if rem then return {'ok', tonumber(rem)} end
-expire()
-local h, why = find(owner, token)
-if not h then
-  settle()
-  return finish({why})
+-- The common case: the owner's own live hold (with its token, if one is given). Other
+-- holds that expired matter only to waiters, and settle() drops them before granting
+-- any, so this case need not look for them.
+local h = get_hold(owner)
+local own = h and h.expires > now and (token == 0 or h.token == token)
+local left = 0
+if own then
+  left = drop_one(h)
+  remember(key, string.format('%d', left))
+  n_queue = redis.call('LLEN', K_QUEUE)
+  if n_queue == 0 and not drop_limit then return {'ok', left} end
 end
-local left = drop_one(h)
-remember('release', owner, rid, tostring(left))
+""",
+    body=r"""
+if not own then
+  expire()
+  local why
+  h, why = find(owner, token)
+  if not h then
+    settle()
+    return finish({why})
+  end
+  left = drop_one(h)
+  remember(key, string.format('%d', left))
+end
 settle()
 return finish({'ok', left})
 """,
@@ -391,10 +492,9 @@ local owner, token, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 touch()
 local h, why = find(owner, token)
 if not h then return finish({why}) end
-h.ttl = ttl
 h.expires = now + ttl
 put_hold(h)
-return finish(grant_reply(h, 0, current_limit()))
+return finish(grant_reply(h, 0))
 """,
 )
 
@@ -407,26 +507,29 @@ ABANDON = _script(
 """,
     r"""
 local owner, rid = ARGV[2], ARGV[3]
-if remembered('abandon', owner, rid) then return {'ok'} end
-remember('abandon', owner, rid, '1')
+local key = req_key('acquire', owner, rid)
+local rem = key and redis.call('GET', key)
+if rem == ABANDONED then return {'ok'} end
 touch()
 local id = owner .. '\t' .. rid
-local w = get_waiter(id)
+local w = nil
+if n_queue > 0 then w = get_waiter(id) end
 if w then
   del_waiter(id)
   table.insert(woken, w.attempt)
   settle()
-  return finish({'ok'})
-end
-local rem = remembered('acquire', owner, rid)
-if rem then
-  local tok = parse_grant(rem)
-  local h = get_hold(owner)
-  if h and h.token == tok then
-    drop_one(h)
-    settle()
+else
+  rem = granted[id] or rem  -- touch() may have granted it from the queue just now
+  if rem then
+    local tok = parse_grant(rem)
+    local h = get_hold(owner)
+    if h and h.token == tok then
+      drop_one(h)
+      settle()
+    end
   end
 end
+remember(key, ABANDONED)  -- its grant (if any) is released: only the refusal matters now
 return finish({'ok'})
 """,
 )
@@ -439,16 +542,18 @@ FORCE_RELEASE = _script(
 """,
     r"""
 local only = ARGV[2]
+local MAX_REVOKED = 1000
 touch()
 local evicted = {}
 local all = redis.call('HGETALL', K_HOLDS)
 for i = 1, #all, 2 do
   local owner = all[i]
   if only == '' or owner == only then
-    local h = get_hold(owner)
-    del_hold(owner)
+    local h = get_hold(owner, all[i + 1])
+    del_hold(h)
     redis.call('ZADD', K_REVOKED, h.token, h.token)
-    table.insert(evicted, {owner, h.token, h.count, h.expires - now, now - h.granted, h.at})
+    table.insert(evicted, {owner, h.token, h.count, h.expires - now, now - h.granted,
+                           h.granted})
   end
 end
 redis.call('ZREMRANGEBYRANK', K_REVOKED, 0, -(MAX_REVOKED + 1))
@@ -469,8 +574,9 @@ touch()
 local holders = {}
 local all = redis.call('HGETALL', K_HOLDS)
 for i = 1, #all, 2 do
-  local h = get_hold(all[i])
-  table.insert(holders, {h.owner, h.token, h.count, h.expires - now, now - h.granted, h.at})
+  local h = get_hold(all[i], all[i + 1])
+  table.insert(holders, {h.owner, h.token, h.count, h.expires - now, now - h.granted,
+                         h.granted})
 end
 local waiters = {}
 for _, id in ipairs(redis.call('LRANGE', K_QUEUE, 0, -1)) do
@@ -491,7 +597,7 @@ RAISE = _script(
 -- Replies: {'ok'} | {'not_held'}
 """,
     r"""
-local owner, old, new, rid = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local owner, old, new = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 touch()
 local h = get_hold(owner)
 if h and h.token == new then return {'ok'} end
@@ -499,13 +605,14 @@ if not h or h.token ~= old then return finish({'not_held'}) end
 if tonumber(redis.call('GET', K_TOKEN) or '0') < new then redis.call('SET', K_TOKEN, new) end
 h.token = new
 put_hold(h)
-local rem = remembered('acquire', owner, rid)
-if rem then
+local key = req_key('acquire', owner, ARGV[5])
+local rem = key and redis.call('GET', key)
+if rem then  -- an abandoned request stays abandoned (parse_grant gives no token)
   local tok, waited, att = parse_grant(rem)
   if tok == old and att then
-    remember('acquire', owner, rid, string.format('%d|%d|%s', new, waited, att))
+    remember(key, string.format('%d|%d|%s', new, waited, att))
   elseif tok == old then
-    remember('acquire', owner, rid, tostring(new))
+    remember(key, string.format('%d', new))
   end
 end
 return finish({'ok'})
