@@ -238,34 +238,24 @@ class Session:
                 raise known.error()
         sent = time.monotonic()
         rid = _request_id()
-        outcome: Grant | Awaitable[Grant | HoldState] | None
         try:
-            outcome = direct.acquire(
+            grant = direct.acquire(
                 AcquireRequest(self.namespace, name, owner, ttl, wait, limit, rid)
             )
         except BackendUnavailable as exc:
             if isinstance(exc, StoreRefused):
                 raise
-            outcome = self.acquire(name, owner, ttl=ttl, wait=wait, limit=limit, renew=renew,
-                                   listener=listener, request_id=rid, sent=sent)  # fmt: skip
+
+            async def give_back(_: HoldState) -> None:
+                await self.release(name, owner)
+
+            retry = self.acquire(name, owner, ttl=ttl, wait=wait, limit=limit, renew=renew,
+                                 listener=listener, request_id=rid, sent=sent)  # fmt: skip
+            return Call(self._rt, retry, give_back=give_back).result()
         except BaseException:  # interrupted: the store may have applied it, so undo it
             self._rt.submit(_quietly(self.backend.abandon(self.namespace, name, owner, rid)))
             raise
-        if outcome is None:
-            return None
-        if isinstance(outcome, Grant):
-            return self._record(outcome, ttl, renew, listener, sent)
-
-        async def granted(waiting: Awaitable[Grant | HoldState]) -> HoldState:
-            done = await waiting
-            if isinstance(done, HoldState):
-                return done
-            return self._record(done, ttl, renew, listener, sent)
-
-        async def give_back(_: HoldState) -> None:
-            await self.release(name, owner)
-
-        return Call(self._rt, granted(outcome), give_back=give_back).result()
+        return self._record(grant, ttl, renew, listener, sent)
 
     def _record(
         self, grant: Grant, ttl: float, renew: bool, listener: Listener | None, sent: float

@@ -27,11 +27,11 @@ OPEN_LIMIT = 10.0
 
 SCRIPT_COMMANDS = (
     "time", "incr", "get", "set", "del", "hget", "hset", "hdel", "hgetall", "hkeys", "hlen",
-    "hvals", "lindex", "llen", "lpop", "lrange", "lrem", "rpush", "publish", "zadd",
+    "hvals", "lindex", "llen", "lpop", "lrange", "lrem", "pexpire", "rpush", "publish", "zadd",
     "zrange", "zrangebyscore", "zrem", "zremrangebyrank", "zscore",
 )  # fmt: skip
 """What lockd's Lua scripts call: Redis 7 checks those against the caller's ACL too."""
-CLIENT_COMMANDS = ("evalsha", "script|load", "ping", "subscribe", "unsubscribe", "scan")
+CLIENT_COMMANDS = ("evalsha", "script|load", "ping", "subscribe", "unsubscribe", "scan", "blpop")
 """What lockd sends itself (CONFIG GET is optional: a refusal is ignored)."""
 
 

@@ -59,10 +59,8 @@ class DirectPath(abc.ABC):
     """
 
     @abc.abstractmethod
-    def acquire(self, req: AcquireRequest) -> Grant | Coroutine[Any, Any, Grant] | None:
-        """The grant; or, when the request is queued, a coroutine for the I/O loop that
-        waits for it (and abandons it if cancelled); or None: make the whole call on the
-        I/O loop instead (nothing was sent)."""
+    def acquire(self, req: AcquireRequest) -> Grant:
+        """As :meth:`Backend.acquire`, waiting in the caller's thread."""
 
     @abc.abstractmethod
     def release(

@@ -19,6 +19,8 @@ in (crashed, partitioned) is dropped by the next script that touches the queue o
 deadline passes, so it holds up those behind it no longer than that (or, if granted
 just before, its ttl).
 A cancelled acquire *abandons* its request id, which undoes it whatever it reached.
+A sync client's acquire waits in its own thread instead (``_RedisDirect``): its grant is
+pushed to a list of its own, which it pops with BLPOP, checking in the same way.
 
 Capabilities: ``single-node`` safety, fencing, fair, not durable, shared across
 processes. Durability depends on the Redis persistence settings, which lockd does not
@@ -37,13 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -80,6 +83,9 @@ SUBSCRIBE_TIMEOUT = 2.0
 SCRIPTS = ("ACQUIRE", "RELEASE", "EXTEND", "ABANDON", "FORCE_RELEASE", "INSPECT", "RAISE")
 WAKE_PREFIX = "lockd:wake:"
 """Wake-up channels are this prefix and a backend's inbox id."""
+LIST_WAKE = "!"
+"""An attempt id starting with this is woken by a push to its own list, not a message."""
+REQ_KEY = redis_lua.KEY_SUFFIXES.index("req")
 
 
 def _glob_escape(text: str) -> str:
@@ -231,11 +237,7 @@ class RedisBackend(Backend):
         woken = self._wake[attempt]
         try:
             while reply[0] == "queued":
-                pause = CHECK_IN
-                if int(reply[1]) >= 0:  # wake at the earliest holder expiry, too
-                    pause = min(pause, int(reply[1]) / 1000 + 0.002)
-                if end is not None:
-                    pause = min(pause, end - time.monotonic())
+                pause = _pause(reply, end)
                 if pause > 0:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(pause):
@@ -256,12 +258,6 @@ class RedisBackend(Backend):
     def _forget_attempt(self, attempt: str) -> None:
         self._wake.pop(attempt, None)
         self._delivered.pop(attempt, None)
-
-    @property
-    def listening(self) -> bool:
-        """True once Redis has confirmed our inbox subscription."""
-        listening = self._listening
-        return listening is not None and listening.done()
 
     def _granted(self, reply: list[Any], req: AcquireRequest) -> Grant:
         """The grant in an acquire's reply, or the error it stands for."""
@@ -413,13 +409,13 @@ class RedisBackend(Backend):
     def _wake_up(self, data: str) -> None:
         """Wake the waiters named in one message, keeping the grants it carries."""
         for item in data.split():
-            attempt, _, grant = item.partition("=")
+            attempt = item.partition("=")[0]
             event = self._wake.get(attempt)
             if event is None:
                 continue
-            if grant:
-                token, count, ttl_left, waited = grant.split(",")
-                self._delivered[attempt] = ["granted", token, count, ttl_left, waited]
+            delivered = _delivered_grant(item)
+            if delivered is not None:
+                self._delivered[attempt] = delivered
             event.set()
 
 
@@ -430,7 +426,9 @@ class _RedisDirect(DirectPath):
     hand-offs, and the connection is used directly (``send_command``/``read_response``)
     rather than through the client's per-command pool and retry layers. Connections are
     kept in a free list, taken by one thread at a time; a connection that fails is
-    dropped. A queued acquire goes on waiting on the I/O loop (its wake-up arrives there).
+    dropped. A queued acquire waits in the caller's thread too: its attempt id starts
+    with ``LIST_WAKE``, so its wake-up is pushed to a list of its own, which it pops with
+    BLPOP (bounded by the check-in interval) instead of a message to the I/O loop.
     """
 
     def __init__(self, backend: RedisBackend, url: str, options: dict[str, Any]) -> None:
@@ -443,29 +441,28 @@ class _RedisDirect(DirectPath):
         self._shas = {name: script.sha for name, script in backend._scripts.items()}
         _directs.add(self)
 
-    def acquire(self, req: AcquireRequest) -> Grant | Coroutine[Any, Any, Grant] | None:
+    def acquire(self, req: AcquireRequest) -> Grant:
         backend = self._backend
         rid = req.request_id or uuid.uuid4().hex
-        attempt = backend.new_attempt()
+        attempt = LIST_WAKE + backend.new_attempt()
         if req.wait == 0:
             return backend._granted(self._acquire_step(req, rid, attempt, "try"), req)
-        if not backend.listening:
-            return None  # the I/O loop subscribes first
         end = None if req.wait is None else time.monotonic() + req.wait
-        backend._wake[attempt] = asyncio.Event()  # bound to the I/O loop on its first wait
-        try:
-            reply = self._acquire_step(req, rid, attempt, "new")
-        except BaseException:
-            backend._forget_attempt(attempt)
-            raise
-        if reply[0] != "queued":
-            backend._forget_attempt(attempt)
-            return backend._granted(reply, req)
-        return undo_on_cancel(
-            backend._wait_queued(req, rid, attempt, reply, end),
-            lambda: backend._abandon(req.namespace, req.name, req.owner, rid),
-            backend._background,
-        )
+        reply = self._acquire_step(req, rid, attempt, "new")
+        wake_list = _keys(req.namespace, req.name)[REQ_KEY] + "\twake\t" + attempt
+        while reply[0] == "queued":
+            pause = _pause(reply, end)
+            popped = None
+            if pause > 0:  # BLPOP's timeout 0 would block without end
+                popped = self._execute(("BLPOP", wake_list, f"{max(pause, 0.001):.3f}"))
+            delivered = _delivered_grant(popped[1]) if popped else None
+            if delivered is not None:
+                reply = delivered
+            elif end is not None and time.monotonic() >= end:
+                reply = self._acquire_step(req, rid, attempt, "leave")
+            else:
+                reply = self._acquire_step(req, rid, attempt, "wait")
+        return backend._granted(reply, req)
 
     def _acquire_step(self, req: AcquireRequest, rid: str, attempt: str, mode: str) -> list[Any]:
         return self._run("ACQUIRE", req.namespace, req.name,
@@ -485,18 +482,26 @@ class _RedisDirect(DirectPath):
         command = ("EVALSHA", self._shas[script], len(redis_lua.KEY_SUFFIXES),
                    *_keys(namespace, name), WAKE_PREFIX, *args)  # fmt: skip
         try:
+            reply = self._execute(command)
+        except NoScriptError:  # Redis restarted or flushed its scripts; nothing ran
+            self._execute(("SCRIPT", "LOAD", getattr(redis_lua, script)))
+            reply = self._execute(command)
+        return list(reply)
+
+    def _execute(self, command: tuple[Any, ...]) -> Any:
+        """Send one command on an idle connection and read its reply."""
+        from redis.exceptions import NoScriptError
+
+        try:
             conn = self._idle.pop()
         except IndexError:
             conn = self._factory.make_connection()
         try:
-            try:
-                conn.send_command(*command)
-                reply = conn.read_response()
-            except NoScriptError:  # Redis restarted or flushed its scripts; nothing ran
-                conn.send_command("SCRIPT", "LOAD", getattr(redis_lua, script))
-                conn.read_response()
-                conn.send_command(*command)
-                reply = conn.read_response()
+            conn.send_command(*command)
+            reply = conn.read_response()
+        except NoScriptError:
+            self._idle.append(conn)  # the connection itself is fine
+            raise
         except BaseException as exc:
             conn.disconnect()
             error = _store_error(self._url, exc) if isinstance(exc, Exception) else None
@@ -504,7 +509,7 @@ class _RedisDirect(DirectPath):
                 raise
             raise error from exc
         self._idle.append(conn)
-        return list(reply)
+        return reply
 
     def close(self) -> None:
         """Close the idle connections."""
@@ -567,16 +572,38 @@ def _cluster_option(url: str) -> tuple[str, bool]:
     return urlunsplit(parts._replace(query=rest)), value in ("true", "1", "yes")
 
 
+def _pause(reply: list[Any], end: float | None) -> float:
+    """Seconds a queued waiter waits for its wake-up before checking in: at most
+    CHECK_IN, until the earliest holder expiry, and not past its own ``end``."""
+    pause = CHECK_IN
+    if int(reply[1]) >= 0:  # wake at the earliest holder expiry, too
+        pause = min(pause, int(reply[1]) / 1000 + 0.002)
+    if end is not None:
+        pause = min(pause, end - time.monotonic())
+    return pause
+
+
+def _delivered_grant(item: str) -> list[Any] | None:
+    """The acquire reply carried by a wake-up ``ATTEMPT=token,count,ttl_ms,waited_us``
+    (None for a bare ``ATTEMPT``: removed or replaced, to be asked about)."""
+    grant = item.partition("=")[2]
+    if not grant:
+        return None
+    token, count, ttl_left, waited = grant.split(",")
+    return ["granted", token, count, ttl_left, waited]
+
+
 def _acquire_args(req: AcquireRequest, rid: str, attempt: str, mode: str) -> tuple[Any, ...]:
     """ARGV[2:] of the ACQUIRE script."""
     ttl_ms = max(1, round(req.ttl * 1000))
     return (req.owner, rid, attempt, ttl_ms, req.limit, mode, round(WAITER_LEASE * 1000))
 
 
-def _keys(namespace: str, name: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)  # the same few names are locked over and over
+def _keys(namespace: str, name: str) -> tuple[str, ...]:
     """The keys of one name, all with one hash tag."""
     base = f"lockd:{{{namespace}:{name}}}"
-    return [f"{base}:{suffix}" for suffix in redis_lua.KEY_SUFFIXES]
+    return tuple(f"{base}:{suffix}" for suffix in redis_lua.KEY_SUFFIXES)
 
 
 def _holder(row: list[Any]) -> HolderInfo:

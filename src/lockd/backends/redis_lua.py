@@ -30,7 +30,9 @@ them.) A waiter's attempt id is ``INBOX.ID``: the wake-up goes to the channel
 ARGV[1] .. INBOX, which only the waiter's own client subscribes to, as
 ``ATTEMPT=token,count,ttl_left_ms,waited_us`` for a grant (the waiter needs no further
 round trip) or ``ATTEMPT`` alone for a waiter that was removed or replaced; several
-items of one message are separated by spaces.
+items of one message are separated by spaces. An attempt id starting with ``!`` belongs
+to a waiter blocked in BLPOP in its own thread: its item is pushed to the list
+``req<TAB>wake<TAB>ATTEMPT`` instead (expiring after WAKE_KEEP_MS, in case nobody pops).
 
 Each script is a header comment (its KEYS and ARGV), then the shared ``PRELUDE``, then
 (ACQUIRE and RELEASE) its common case, then the shared ``HELPERS``, then its body.
@@ -94,6 +96,7 @@ local K_REQ, K_LIMIT = KEYS[7], KEYS[9]
 -- Numbers given to redis.call are text first: string.format('%d') makes it much faster
 -- than Redis's own conversion (%.17g), so the common calls pass text.
 local REQ_KEEP_MS = '600000'
+local WAKE_KEEP_MS = '60000'
 local ABANDONED = 'abandoned'  -- an acquire request's outcome once abandoned
 local clock = redis.call('TIME')
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -280,17 +283,23 @@ local function touch()
 end
 
 -- Wake the waiters this script granted or removed (each client on its own inbox
--- channel), then return the reply.
+-- channel, or a waiter blocked on its own list), then return the reply.
 local function finish(reply)
   if #woken == 0 then return reply end
   local inboxes, order = {}, {}
   for _, item in ipairs(woken) do
-    local inbox = string.match(item, '^([^.=]*)%.') or ''
-    if not inboxes[inbox] then
-      inboxes[inbox] = {}
-      table.insert(order, inbox)
+    if string.byte(item, 1) == 33 then  -- '!': the waiter pops its own list
+      local list = K_REQ .. '\twake\t' .. string.match(item, '^[^=]*')
+      redis.call('RPUSH', list, item)
+      redis.call('PEXPIRE', list, WAKE_KEEP_MS)
+    else
+      local inbox = string.match(item, '^([^.=]*)%.') or ''
+      if not inboxes[inbox] then
+        inboxes[inbox] = {}
+        table.insert(order, inbox)
+      end
+      table.insert(inboxes[inbox], item)
     end
-    table.insert(inboxes[inbox], item)
   end
   for _, inbox in ipairs(order) do
     redis.call('PUBLISH', ARGV[1] .. inbox, table.concat(inboxes[inbox], ' '))
@@ -600,7 +609,7 @@ RAISE = _script(
 local owner, old, new = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 touch()
 local h = get_hold(owner)
-if h and h.token == new then return {'ok'} end
+if h and h.token == new then return finish({'ok'}) end
 if not h or h.token ~= old then return finish({'not_held'}) end
 if tonumber(redis.call('GET', K_TOKEN) or '0') < new then redis.call('SET', K_TOKEN, new) end
 h.token = new
