@@ -449,7 +449,8 @@ class _RedisDirect(DirectPath):
             return backend._granted(self._acquire_step(req, rid, attempt, "try"), req)
         end = None if req.wait is None else time.monotonic() + req.wait
         reply = self._acquire_step(req, rid, attempt, "new")
-        wake_list = _keys(req.namespace, req.name)[REQ_KEY] + "\twake\t" + attempt
+        if reply[0] == "queued":
+            wake_list = _keys(req.namespace, req.name)[REQ_KEY] + "\twake\t" + attempt
         while reply[0] == "queued":
             pause = _pause(reply, end)
             popped = None
