@@ -145,3 +145,25 @@ def test_a_direct_call_on_a_restarting_store_is_retried_once(
     assert [(h.owner, h.count) for h in info.holders] == [(lock.owner, 1)]
     lock.release()
     assert not client.inspect("restart").holders
+
+
+def test_an_interrupted_queued_direct_acquire_leaves_the_queue(client: lockd.Client) -> None:
+    holder = client.lock("line", ttl=30, owner="holder")
+    holder.acquire()
+    waiter = client.lock("line", ttl=30, wait=20)
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread().ident == main
+    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            waiter.acquire()  # queued, blocked in BLPOP in this thread
+    finally:
+        timer.cancel()
+    # Gone well before its waiter lease (3 s) would have dropped it: it was abandoned.
+    deadline = time.monotonic() + 1
+    while client.inspect("line").waiters and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not client.inspect("line").waiters
+    holder.release()  # with the waiter gone, nobody is granted
+    assert not client.inspect("line").holders
