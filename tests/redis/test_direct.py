@@ -8,6 +8,7 @@ request id.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -18,6 +19,19 @@ import pytest
 import lockd
 from lockd._runtime import runtime
 from tests.redisproc import RedisProcess, running_redis
+
+
+@contextlib.contextmanager
+def ctrl_c_after(seconds: float) -> Iterator[None]:
+    """Send this (main) thread a real SIGINT after ``seconds``, unless the block ends first."""
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread().ident == main
+    timer = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture
@@ -110,15 +124,10 @@ def test_an_interrupted_direct_acquire_is_undone(
     lock.acquire()  # warm: a connection is open
     lock.release()
     server.pause()  # the next script hangs in the caller's thread
-    main = threading.main_thread().ident
-    assert main is not None and threading.current_thread().ident == main
-    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_after(0.3), pytest.raises(KeyboardInterrupt):
             lock.acquire()
     finally:
-        timer.cancel()
         server.resume()
     # Redis ran the acquire once resumed; the abandon sent after it gives it back.
     deadline = time.monotonic() + 5
@@ -151,15 +160,8 @@ def test_an_interrupted_queued_direct_acquire_leaves_the_queue(client: lockd.Cli
     holder = client.lock("line", ttl=30, owner="holder")
     holder.acquire()
     waiter = client.lock("line", ttl=30, wait=20)
-    main = threading.main_thread().ident
-    assert main is not None and threading.current_thread().ident == main
-    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            waiter.acquire()  # queued, blocked in BLPOP in this thread
-    finally:
-        timer.cancel()
+    with ctrl_c_after(0.3), pytest.raises(KeyboardInterrupt):
+        waiter.acquire()  # queued, blocked in BLPOP in this thread
     # Gone well before its waiter lease (3 s) would have dropped it: it was abandoned.
     deadline = time.monotonic() + 1
     while client.inspect("line").waiters and time.monotonic() < deadline:
