@@ -328,8 +328,9 @@ class Session:
             self._released(hold, exc)
             raise
         except BackendUnavailable as exc:
-            if isinstance(exc, StoreRefused):
+            if isinstance(exc, StoreRefused):  # not released: the watchdog carries on
                 hold.releasing = False
+                self._watch(hold)
                 raise
             return Call(self._rt, self.release(name, owner, rid), finish=True).result()
         except BaseException:  # interrupted: the loop finishes the release

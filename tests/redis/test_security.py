@@ -198,3 +198,20 @@ def test_tls_refuses_a_server_it_cannot_verify(
         assert "certificate" in message
         # Plain text to a TLS port is refused too, not left hanging.
         assert_refused_quietly(with_password(server, SECRET), SECRET, caplog)
+
+
+def test_a_refused_release_keeps_the_hold_renewed() -> None:
+    # Without HDEL the user can take a free lock and renew it, but not drop it.
+    commands = tuple(c for c in SCRIPT_COMMANDS + CLIENT_COMMANDS if c != "hdel")
+    with (
+        running_redis(*acl_user("carol", "carol-Pw.5", commands)) as server,
+        lockd.Client(with_password(server, "carol-Pw.5", user="carol")) as client,
+    ):
+        lock = client.lock("kept", ttl=0.6)
+        lock.acquire()
+        with pytest.raises(lockd.StoreRefused):
+            lock.release()
+        time.sleep(1.5)  # more than twice the ttl: only renewals keep it
+        assert lock.state is lockd.LockState.HELD
+        holders = client.inspect("kept").holders
+        assert [(h.owner, h.token) for h in holders] == [(lock.owner, lock.token)]
