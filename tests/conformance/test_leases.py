@@ -105,8 +105,11 @@ async def test_crashed_holders_lease_ends_at_its_ttl(backend: lockd.Backend) -> 
     started = time.monotonic()
     grant = await backend.acquire(NS, "crash", "b", ttl=5, wait=2)
     assert grant.owner == "b"
-    assert TTL - 0.05 <= time.monotonic() - started < TTL + SLACK
-    assert TTL - 0.05 <= grant.waited < TTL + SLACK
+    elapsed = time.monotonic() - started
+    assert TTL - 0.05 <= elapsed < TTL + SLACK
+    # The store counts from when it queued the request, which a loaded machine can delay
+    # after ``started``: so no more than the elapsed time, and most of the ttl.
+    assert TTL / 2 <= grant.waited <= elapsed
 
 
 def test_renewed_hold_outlives_its_ttl(client: lockd.Client, other_client: lockd.Client) -> None:
