@@ -554,7 +554,9 @@ def _store_error(url: str, exc: Exception) -> BackendUnavailable | None:
         return BackendUnavailable(f"{url}: {exc}")
     if isinstance(exc, (RedisError, OSError)):
         return BackendUnavailable(f"{url}: {exc}")
-    if isinstance(exc, (AttributeError, TypeError)):  # the driver's state torn by a disconnect
+    if isinstance(exc, (AttributeError, TypeError, RuntimeError)):
+        # the driver's state torn by a disconnect (RuntimeError: a write to a closed
+        # uvloop transport, seen when a subscribe follows a Redis restart)
         return BackendUnavailable(f"{url}: {type(exc).__name__}: {exc}")
     return None
 
