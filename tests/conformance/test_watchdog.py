@@ -109,12 +109,13 @@ def test_on_lost_is_called_once_for_a_reentrant_hold(
 
 def test_watchdog_stops_at_release(client: lockd.Client, other_client: lockd.Client) -> None:
     calls = Calls()
-    lock = client.lock("wd", ttl=TTL, on_lost=calls)
+    # RECOVERY_TTL: a renewal slowed by load must not end this hold before its release.
+    lock = client.lock("wd", ttl=RECOVERY_TTL, on_lost=calls)
     with lock:
-        time.sleep(TTL)  # a renewal or two happen
+        time.sleep(RECOVERY_TTL)  # a renewal or two happen
     # Someone else takes the lock: a renewal that went on would now fail and cry "lost".
     with other_client.lock("wd", ttl=5):
-        time.sleep(TTL)
+        time.sleep(RECOVERY_TTL / 2)
     assert not calls.event.is_set()
     assert lock.state is LockState.RELEASED
     assert not lock.lost.is_set()
