@@ -14,7 +14,10 @@ run, every library against the same Redis:
   (blocking), ``GET`` a counter key, increment it locally, ``SET`` it back, release.
   Critical sections/s, wait p50/p99 (from calling acquire to holding), per-process
   counts, Jain's fairness index and lost updates (critical sections the processes
-  counted minus the counter's final value). The counter is on the lock's Redis.
+  counted minus the counter's final value). The counter is on the lock's Redis. Its
+  floor, "strict turns", is the least any strict-FIFO lock can cost: a baton passed round
+  a ring of the processes with BLPOP and RPUSH (one wake-up of the next process per
+  critical section, and nothing else).
 * ``redlock``: the contended test on 3 independent redis-server nodes: lockd's
   ``redlock://`` backend against pottery's Redlock with the same 3 masters. The counter
   lives on a 4th redis-server, so the lock nodes carry lock traffic only. When this
@@ -78,10 +81,12 @@ from tests.redisproc import RedisProcess, running_redis_nodes  # noqa: E402
 RESULTS_DIR = ROOT / "bench" / "results"
 SECTIONS = ("uncontended", "contended", "redlock")
 UNCONTENDED_LIBS = ("floor", "lockd", "lockd-try", "redis-py", "python-redis-lock", "pottery")
-CONTENDED_LIBS = ("lockd", "redis-py", "python-redis-lock", "pottery")
+CONTENDED_LIBS = ("turns", "lockd", "redis-py", "python-redis-lock", "pottery")
+FLOORS = ("floor", "turns")
 REDLOCK_LIBS = ("lockd-redlock", "pottery")
 LABELS = {
     "floor": "floor: SET NX PX + EVALSHA",
+    "turns": "floor: strict turns (baton)",
     "lockd": "lockd (wait=30)",
     "lockd-try": "lockd (wait=0)",
     "lockd-redlock": "lockd redlock://",
@@ -117,8 +122,11 @@ class Target:
     redis_urls: tuple[str, ...]
 
 
-def open_handle(lib: str, target: Target, name: str, ttl: float, wait: float) -> Handle:
-    """Open ``lib``'s lock on ``name``; acquire blocks up to ``wait`` s (raising after)."""
+def open_handle(
+    lib: str, target: Target, name: str, ttl: float, wait: float, turn: int = 0, turns: int = 1
+) -> Handle:
+    """Open ``lib``'s lock on ``name``; acquire blocks up to ``wait`` s (raising after).
+    ``turn`` of ``turns``: this process's place in the ring of the strict-turns floor."""
     if lib in ("lockd", "lockd-try", "lockd-redlock"):
         return _lockd_handle(target.lockd_url, name, ttl, 0.0 if lib == "lockd-try" else wait)
     conns = [redis.Redis.from_url(url) for url in target.redis_urls]
@@ -129,6 +137,8 @@ def open_handle(lib: str, target: Target, name: str, ttl: float, wait: float) ->
 
     if lib == "floor":
         return _floor_handle(conns[0], name, ttl, close)
+    if lib == "turns":
+        return _turns_handle(conns[0], name, wait, turn, turns, close)
     if lib == "redis-py":
         lock = conns[0].lock(f"bench:{name}", timeout=ttl, blocking_timeout=wait)
 
@@ -186,6 +196,46 @@ def _floor_handle(conn: redis.Redis, name: str, ttl: float, close: Callable[[], 
             raise RuntimeError(f"{key} was not held")
 
     return Handle(acquire, release, close)
+
+
+class RoundOver(Exception):
+    """The strict-turns floor's run has ended (its baton became a stop sign)."""
+
+
+def turn_list(name: str, turn: int) -> str:
+    """The list the strict-turns floor's process ``turn`` pops its baton from."""
+    return f"bench:{name}:turn:{turn}"
+
+
+def _turns_handle(
+    conn: redis.Redis, name: str, wait: float, turn: int, turns: int, close: Callable[[], None]
+) -> Handle:
+    """The least any strict-FIFO lock costs: one baton passed round a ring of processes,
+    each waiting for it with BLPOP on a list of its own and passing it on with RPUSH. No
+    queue, no lease, no token: only the wake-up of the next process per critical section.
+    Ending: a process done with its turns passes on a stop sign once it has the baton."""
+    mine, after = turn_list(name, turn), turn_list(name, (turn + 1) % turns)
+    stopped = [False]
+
+    def acquire() -> None:
+        item = conn.blpop([mine], timeout=wait)
+        if item is None:
+            raise TimeoutError(f"{name!r}: no baton in {wait} s")
+        if item[1] == b"stop":
+            conn.rpush(after, "stop")
+            stopped[0] = True
+            raise RoundOver
+
+    def finish() -> None:
+        if not stopped[0]:  # the baton (or the stop sign) comes round once more
+            conn.blpop([mine], timeout=wait)
+            conn.rpush(after, "stop")
+        close()
+
+    def release() -> None:
+        conn.rpush(after, "baton")
+
+    return Handle(acquire, release, finish)
 
 
 def versions() -> Json:
@@ -313,6 +363,7 @@ class ContentionSpec:
     duration: float
     ttl: float
     wait: float
+    processes: int
 
 
 @dataclass
@@ -338,7 +389,9 @@ def contender(
     counter = redis.Redis.from_url(spec.counter_url)
     handle: Handle | None = None
     try:
-        handle = open_handle(spec.lib, spec.target, spec.lock_name, spec.ttl, spec.wait)
+        handle = open_handle(
+            spec.lib, spec.target, spec.lock_name, spec.ttl, spec.wait, index, spec.processes
+        )
         counter.ping()
         barrier.wait(timeout=120)
         out.started = time.monotonic()
@@ -347,7 +400,10 @@ def contender(
         perf = time.perf_counter
         while time.monotonic() < end:
             t0 = perf()
-            handle.acquire()
+            try:
+                handle.acquire()
+            except RoundOver:
+                break
             t1 = perf()
             out.waits.append(t1 - t0)
             out.held_at.append(t1)  # CLOCK_MONOTONIC on Linux: comparable across processes
@@ -380,6 +436,9 @@ def run_contention(spec: ContentionSpec, processes: int, redis_pids: list[int]) 
     ctx = mp.get_context("spawn")
     counter = redis.Redis.from_url(spec.counter_url)
     counter.set(spec.counter_key, 0)
+    if spec.lib == "turns":  # the first process starts with the baton
+        with redis.Redis.from_url(spec.target.redis_urls[0]) as conn:
+            conn.rpush(turn_list(spec.lock_name, 0), "baton")
     barrier = ctx.Barrier(processes + 1)
     queue: mp.Queue[ContenderReport] = ctx.Queue()
     procs = [
@@ -455,6 +514,7 @@ def contention_rows(
             args.contention_duration,
             args.ttl,
             args.wait,
+            args.contenders,
         )
         if lib.startswith("lockd"):
             why = lockd_unavailable(spec.target.lockd_url)
@@ -481,7 +541,7 @@ def contention_rows(
 def contended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
     """Every library contending on one lock on the same Redis; the counter is there too."""
     target = Target(server.url, (server.url,))
-    libs = [lib for lib in CONTENDED_LIBS if lib in args.libs]
+    libs = [lib for lib in CONTENDED_LIBS if lib in args.libs or lib in FLOORS]
     rows = contention_rows(libs, target, server.url, args, [server.process.pid])
     return {"redis": server.url, "counter": "on the lock's Redis", "rows": rows}
 
@@ -539,6 +599,8 @@ def goals(report: Json) -> list[str]:
         rows = [r for r in report.get(key, {}).get("rows", []) if "cs_per_s" in r]
         mine_rows = [r for r in rows if r["library"].startswith("lockd")]
         peers = [r for r in rows if not r["library"].startswith("lockd")]
+        floor = [r for r in peers if r["library"] in FLOORS]
+        peers = [r for r in peers if r["library"] not in FLOORS]
         if not mine_rows:
             lines.append(f"- {title}: lockd {NOT_AVAILABLE}")
             continue
@@ -558,6 +620,12 @@ def goals(report: Json) -> list[str]:
                     f"  (fastest peer with Jain >= 0.98: {top['label']}, "
                     f"{fmt(top['cs_per_s'])} CS/s; lockd {share:.2f}x)"
                 )
+        if floor:
+            share = (mine["cs_per_s"] or 0) / (floor[0]["cs_per_s"] or 1)
+            lines.append(
+                f"  (the strict-turns floor, which no FIFO lock can pass: "
+                f"{fmt(floor[0]['cs_per_s'])} CS/s; lockd {share:.2f}x)"
+            )
         jain = mine["jain_fairness"] or 0.0
         p99 = mine["wait"]["p99_ms"] or 0.0
         lines.append(
@@ -670,7 +738,9 @@ def markdown_report(report: Json) -> str:
         "the section (RedLock: the 3 nodes and the counter's). "
         f"ttl {cfg['ttl_s']} s, acquire wait up to {cfg['wait_s']} s; redis-py Lock polls "
         "with its default sleep (0.1 s), pottery retries after a random 0-0.2 s, "
-        "python-redis-lock BLPOPs on a signal list.",
+        "python-redis-lock BLPOPs on a signal list. 'floor: strict turns': a baton passed "
+        "round a ring of the processes (BLPOP on a list of one's own, RPUSH to the next "
+        "one's), the least a strict-FIFO lock can cost.",
         "",
     ]
     return "\n".join(lines)
