@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,7 +26,9 @@ from typing import Any, Generic, TypeVar
 
 from lockd.backends import Backend, connect, store_key
 
-__all__ = ["Call", "Runtime", "runtime"]
+__all__ = ["Call", "Runtime", "quietly", "runtime"]
+
+log = logging.getLogger("lockd")
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -201,7 +204,7 @@ class Call(Generic[T]):
             wake, on_settled = self._wake, self._on_settled
         if undo:
             assert self._give_back is not None
-            task = self._rt.loop.create_task(_ignore_errors(self._give_back(result)))
+            task = self._rt.loop.create_task(quietly(self._give_back(result)))
             task.add_done_callback(self._undone)
             return
         wake()
@@ -238,7 +241,7 @@ class Call(Generic[T]):
         if not done:
             self._rt.loop.call_soon_threadsafe(self._cancel)
         elif error is None and self._give_back is not None:
-            self._rt.submit(_ignore_errors(self._give_back(result)))
+            self._rt.submit(quietly(self._give_back(result)))
 
     def result(self) -> T:
         """Block this thread for the result (Ctrl-C abandons the call safely)."""
@@ -297,6 +300,9 @@ def _nothing() -> None:
     return
 
 
-async def _ignore_errors(awaitable: Awaitable[object]) -> None:
-    with contextlib.suppress(Exception):
-        await awaitable
+async def quietly(work: Awaitable[object]) -> None:
+    """Await ``work`` for a caller that has gone: its failure is only logged."""
+    try:
+        await work
+    except Exception as exc:
+        log.warning("finishing an interrupted call failed: %s", exc)

@@ -27,9 +27,10 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lockd._runtime import Call, Runtime
+from lockd._runtime import Call, Runtime, quietly
 from lockd.backends import Backend
 from lockd.backends.base import AcquireRequest
 from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked, StoreRefused
@@ -51,6 +52,22 @@ RETRY_MAX = 1.0
 
 T = TypeVar("T")
 Listener = Callable[["HoldState"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """What a lock asks of one acquire (and of the hold it gets)."""
+
+    name: str
+    owner: str
+    ttl: float
+    wait: float | None
+    """Seconds to queue; None: without end; 0: try once."""
+    limit: int
+    renew: bool
+    listener: Listener | None
+
+
 _ENDED = (LockState.LOST, LockState.REVOKED, LockState.RELEASED)
 _LOSSES = (LockState.LOST, LockState.REVOKED)
 _lost_guard = threading.Lock()  # a hold's state against the creation of its ``lost`` event
@@ -178,17 +195,7 @@ class Session:
             return list(self._holds.values())
 
     async def acquire(
-        self,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        renew: bool,
-        listener: Listener | None,
-        request_id: str | None = None,
-        sent: float | None = None,
+        self, want: Want, request_id: str | None = None, sent: float | None = None
     ) -> HoldState:
         """Acquire (or re-enter) and start the watchdog.
 
@@ -196,32 +203,23 @@ class Session:
         is retried with the same request id, so it is applied once. ``request_id`` and
         ``sent`` continue an acquire begun in a caller's thread.
         """
-        known = self.hold(name, owner)
+        known = self.hold(want.name, want.owner)
         if known is not None and known.ended and known.count > 0:
             raise known.error()  # nested code must not go on as if it still held
         start = time.monotonic() if sent is None else sent
         rid = request_id or _request_id()
+        wait = want.wait
 
         def attempt() -> Awaitable[Grant]:
             left = None if wait is None else max(0.0, start + wait - time.monotonic())
-            return self.backend.acquire(self.namespace, name, owner, ttl=ttl, wait=left,
-                                        limit=limit, request_id=rid)  # fmt: skip
+            return self.backend.acquire(self.namespace, want.name, want.owner, ttl=want.ttl,
+                                        wait=left, limit=want.limit, request_id=rid)  # fmt: skip
 
         grant = await _retrying(attempt, None if wait is None else start + max(wait, RETRY_MAX))
         # No await below: a cancellation must not land between the grant and its record.
-        return self._record(grant, ttl, renew, listener, start)
+        return self._record(grant, want, start)
 
-    def acquire_now(
-        self,
-        name: str,
-        owner: str,
-        *,
-        ttl: float,
-        wait: float | None,
-        limit: int,
-        renew: bool,
-        listener: Listener | None,
-    ) -> HoldState | None:
+    def acquire_now(self, want: Want) -> HoldState | None:
         """Acquire from a sync caller's thread through the backend's direct path.
 
         None: make this acquire through the I/O loop instead (no direct path, or a
@@ -230,6 +228,7 @@ class Session:
         direct = self.backend.direct
         if direct is None:
             return None
+        name, owner = want.name, want.owner
         known = self.hold(name, owner)
         if known is not None:
             if not known.ended:
@@ -239,9 +238,8 @@ class Session:
         sent = time.monotonic()
         rid = _request_id()
         try:
-            grant = direct.acquire(
-                AcquireRequest(self.namespace, name, owner, ttl, wait, limit, rid)
-            )
+            grant = direct.acquire(AcquireRequest(self.namespace, name, owner, want.ttl,
+                                                  want.wait, want.limit, rid))  # fmt: skip
         except BackendUnavailable as exc:
             if isinstance(exc, StoreRefused):
                 raise
@@ -249,18 +247,16 @@ class Session:
             async def give_back(_: HoldState) -> None:
                 await self.release(name, owner)
 
-            retry = self.acquire(name, owner, ttl=ttl, wait=wait, limit=limit, renew=renew,
-                                 listener=listener, request_id=rid, sent=sent)  # fmt: skip
+            retry = self.acquire(want, request_id=rid, sent=sent)
             return Call(self._rt, retry, give_back=give_back).result()
         except BaseException:  # interrupted: the store may have applied it, so undo it
-            self._rt.submit(_quietly(self.backend.abandon(self.namespace, name, owner, rid)))
+            self._rt.submit(quietly(self.backend.abandon(self.namespace, name, owner, rid)))
             raise
-        return self._record(grant, ttl, renew, listener, sent)
+        return self._record(grant, want, sent)
 
-    def _record(
-        self, grant: Grant, ttl: float, renew: bool, listener: Listener | None, sent: float
-    ) -> HoldState:
+    def _record(self, grant: Grant, want: Want, sent: float) -> HoldState:
         """Record a grant (new hold, or a re-entry of the known one) and watch it."""
+        ttl, listener = want.ttl, want.listener
         anchor = sent + grant.waited * (1 - DRIFT)
         key = (grant.name, grant.owner)
         with self._guard:
@@ -272,7 +268,7 @@ class Session:
                 hold = known
             else:
                 hold = HoldState(grant.name, grant.owner, ttl, grant, anchor)
-                hold.renew = renew
+                hold.renew = want.renew
                 self._holds[key] = hold
             if listener is not None and listener not in hold.listeners:
                 hold.listeners.append(listener)
@@ -334,7 +330,7 @@ class Session:
                 raise
             return Call(self._rt, self.release(name, owner, rid), finish=True).result()
         except BaseException:  # interrupted: the loop finishes the release
-            self._rt.submit(_quietly(self.release(name, owner, rid)))
+            self._rt.submit(quietly(self.release(name, owner, rid)))
             raise
         self._released(hold, left)
         return left
@@ -549,14 +545,6 @@ class Session:
         with self._guard:
             if self._holds.get((hold.name, hold.owner)) is hold:
                 del self._holds[(hold.name, hold.owner)]
-
-
-async def _quietly(work: Awaitable[object]) -> None:
-    """Await ``work`` for a caller that has gone: its failure is only logged."""
-    try:
-        await work
-    except Exception as exc:
-        log.warning("finishing an interrupted call failed: %s", exc)
 
 
 async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None) -> T:

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from lockd._runtime import Call, runtime
-from lockd._session import HoldState, Session
+from lockd._session import HoldState, Session, Want
 from lockd.backends import Backend, redact_url, require_safety
 from lockd.errors import AcquireTimeout, NotHeld
 from lockd.model import (
@@ -156,20 +156,19 @@ class _LockBase(Generic[T]):
     def _wait_for(self, wait: Duration | None) -> float | None:
         return self.wait if wait is _UNSET else check_wait(wait)
 
+    def _want(self, wait: Duration | None) -> Want:
+        return Want(self.name, self.owner, self.ttl, self._wait_for(wait), self.limit,
+                    self.renew, self._listener())  # fmt: skip
+
     def _acquire_call(self, wait: Duration | None) -> Call[HoldState]:
         base = self._base()
         session = base._session
         name, owner = self.name, self.owner
-        wait_s = self._wait_for(wait)
 
         async def give_back(_: HoldState) -> None:
             await session.release(name, owner)
 
-        return base._call(
-            session.acquire(name, owner, ttl=self.ttl, wait=wait_s, limit=self.limit,
-                            renew=self.renew, listener=self._listener()),
-            give_back=give_back,
-        )  # fmt: skip
+        return base._call(session.acquire(self._want(wait)), give_back=give_back)
 
     def _release_call(self) -> Call[int]:
         base = self._base()
@@ -313,10 +312,7 @@ class Lock(_LockBase[Client]):
 
     def _acquire(self, wait: Duration | None) -> None:
         # In this thread when the store offers a direct path, else on the I/O loop.
-        hold = self.client._session.acquire_now(
-            self.name, self.owner, ttl=self.ttl, wait=self._wait_for(wait), limit=self.limit,
-            renew=self.renew, listener=self._listener(),
-        )  # fmt: skip
+        hold = self.client._session.acquire_now(self._want(wait))
         if hold is None:
             self._acquire_call(wait).result()
 

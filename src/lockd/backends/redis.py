@@ -243,14 +243,10 @@ class RedisBackend(Backend):
                         async with asyncio.timeout(pause):
                             await woken.wait()
                 woken.clear()
-                delivered = self._delivered.pop(attempt, None)
-                if delivered is not None:
-                    reply = delivered
-                elif end is not None and time.monotonic() >= end:
-                    reply = await self._step(req, rid, attempt, "leave")  # a grant made
-                    # meanwhile is still ours
-                else:
-                    reply = await self._step(req, rid, attempt, "wait")
+                then = _after_pause(self._delivered.pop(attempt, None), end)
+                reply = (
+                    then if isinstance(then, list) else await self._step(req, rid, attempt, then)
+                )
             return self._granted(reply, req)
         finally:
             self._forget_attempt(attempt)
@@ -432,6 +428,8 @@ class _RedisDirect(DirectPath):
     """
 
     def __init__(self, backend: RedisBackend, url: str, options: dict[str, Any]) -> None:
+        from redis.exceptions import NoScriptError
+
         from redis import ConnectionPool
 
         self._backend = backend
@@ -439,6 +437,7 @@ class _RedisDirect(DirectPath):
         self._factory = ConnectionPool.from_url(url, **options)  # makes connections only
         self._idle: list[Any] = []  # redis.Connection (its methods are untyped)
         self._shas = {name: script.sha for name, script in backend._scripts.items()}
+        self._no_script = NoScriptError  # bound once: the calls below are the hot path
         _directs.add(self)
 
     def acquire(self, req: AcquireRequest) -> Grant:
@@ -456,13 +455,8 @@ class _RedisDirect(DirectPath):
             popped = None
             if pause > 0:  # BLPOP's timeout 0 would block without end
                 popped = self._execute(("BLPOP", wake_list, f"{max(pause, 0.001):.3f}"))
-            delivered = _delivered_grant(popped[1]) if popped else None
-            if delivered is not None:
-                reply = delivered
-            elif end is not None and time.monotonic() >= end:
-                reply = self._acquire_step(req, rid, attempt, "leave")
-            else:
-                reply = self._acquire_step(req, rid, attempt, "wait")
+            then = _after_pause(_delivered_grant(popped[1]) if popped else None, end)
+            reply = then if isinstance(then, list) else self._acquire_step(req, rid, attempt, then)
         return backend._granted(reply, req)
 
     def _acquire_step(self, req: AcquireRequest, rid: str, attempt: str, mode: str) -> list[Any]:
@@ -478,21 +472,17 @@ class _RedisDirect(DirectPath):
         return int(reply[1])
 
     def _run(self, script: str, namespace: str, name: str, *args: Any) -> list[Any]:
-        from redis.exceptions import NoScriptError
-
         command = ("EVALSHA", self._shas[script], len(redis_lua.KEY_SUFFIXES),
                    *_keys(namespace, name), WAKE_PREFIX, *args)  # fmt: skip
         try:
             reply = self._execute(command)
-        except NoScriptError:  # Redis restarted or flushed its scripts; nothing ran
+        except self._no_script:  # Redis restarted or flushed its scripts; nothing ran
             self._execute(("SCRIPT", "LOAD", getattr(redis_lua, script)))
             reply = self._execute(command)
         return list(reply)
 
     def _execute(self, command: tuple[Any, ...]) -> Any:
         """Send one command on an idle connection and read its reply."""
-        from redis.exceptions import NoScriptError
-
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -500,7 +490,7 @@ class _RedisDirect(DirectPath):
         try:
             conn.send_command(*command)
             reply = conn.read_response()
-        except NoScriptError:
+        except self._no_script:
             self._idle.append(conn)  # the connection itself is fine
             raise
         except BaseException as exc:
@@ -584,6 +574,15 @@ def _pause(reply: list[Any], end: float | None) -> float:
     if end is not None:
         pause = min(pause, end - time.monotonic())
     return pause
+
+
+def _after_pause(delivered: list[Any] | None, end: float | None) -> list[Any] | str:
+    """What a queued waiter does after a pause: take the grant delivered meanwhile (its
+    reply), else its next step's mode: ``leave`` once its wait has ended (a grant made
+    meanwhile is still its own), or ``wait`` (check in)."""
+    if delivered is not None:
+        return delivered
+    return "leave" if end is not None and time.monotonic() >= end else "wait"
 
 
 def _delivered_grant(item: str) -> list[Any] | None:
