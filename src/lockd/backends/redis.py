@@ -42,6 +42,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 import uuid
@@ -78,6 +79,8 @@ CHECK_IN = 1.0
 """Seconds between a queued waiter's check-ins (the bounded re-check)."""
 WAITER_LEASE = 3.0
 """Seconds a queued waiter keeps its place without checking in."""
+CALL_TIMEOUT = 10.0
+"""Seconds one command may take before its connection is given up (BackendUnavailable)."""
 SUBSCRIBE_TIMEOUT = 2.0
 """Seconds to wait for Redis to confirm a SUBSCRIBE before trying anyway."""
 SCRIPTS = ("ACQUIRE", "RELEASE", "EXTEND", "ABANDON", "FORCE_RELEASE", "INSPECT", "RAISE")
@@ -108,6 +111,7 @@ class RedisBackend(Backend):
         self._target = _cluster_option(url)  # (URL for redis-py, cluster?), checked now
         self._redis: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._connections: _Connections | None = None  # None: through the client
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self.inbox = inbox or uuid.uuid4().hex
@@ -133,7 +137,7 @@ class RedisBackend(Backend):
             "decode_responses": True,
             "retry": Retry(NoBackoff(), 0),
             "socket_connect_timeout": 5.0,
-            "socket_timeout": 10.0,
+            "socket_timeout": CALL_TIMEOUT,
         }
         url, cluster = self._target
         client: Redis | RedisCluster
@@ -146,7 +150,8 @@ class RedisBackend(Backend):
         self._redis = client
         for name in SCRIPTS:
             self._scripts[name] = client.register_script(getattr(redis_lua, name))
-        if not cluster:  # a cluster routes by key slot: its callers take the I/O loop
+        if not cluster:  # a cluster routes by key slot, which its client does for us
+            self._connections = _Connections(url, options)
             self.direct = _RedisDirect(self, url, options)
         await self.ping()
         with contextlib.suppress(Exception):  # CONFIG may be refused by an ACL
@@ -174,6 +179,8 @@ class RedisBackend(Backend):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         if isinstance(self.direct, _RedisDirect):
             self.direct.close()
+        if self._connections is not None:
+            await self._connections.aclose()
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
@@ -195,9 +202,15 @@ class RedisBackend(Backend):
 
     async def _run(self, script: str, namespace: str, name: str, *args: str | int) -> list[Any]:
         keys = _keys(namespace, name)
-        reply = await self._call(
-            lambda: self._scripts[script](keys=keys, args=[WAKE_PREFIX, *args])
-        )
+        connections = self._connections
+        if connections is None:
+            reply = await self._call(
+                lambda: self._scripts[script](keys=keys, args=[WAKE_PREFIX, *args])
+            )
+        else:
+            command = ("EVALSHA", self._scripts[script].sha, len(keys), *keys, WAKE_PREFIX,
+                       *args)  # fmt: skip
+            reply = await self._call(lambda: connections.script(command, script))
         return list(reply)
 
     # --- the contract -----------------------------------------------------------------
@@ -512,6 +525,58 @@ class _RedisDirect(DirectPath):
         """Drop the connections without closing them (in a forked child: they are the
         parent's)."""
         self._idle = []
+
+
+class _Connections:
+    """Script calls from the I/O loop, on connections of our own.
+
+    Like ``_RedisDirect`` for sync callers: a free list of the driver's asyncio
+    connections, each used by one call at a time, and a script sent with
+    ``send_packed_command``/``read_response`` rather than through the client's pool,
+    retry and per-command timeout layers. The connections have no socket timeout of
+    their own (the driver's costs a task per write): one ``CALL_TIMEOUT`` bounds the
+    whole call. A connection whose call failed or was cancelled is closed.
+    """
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        from redis.asyncio import ConnectionPool
+        from redis.exceptions import NoScriptError
+
+        self._factory = ConnectionPool.from_url(url, **{**options, "socket_timeout": None})
+        self._idle: list[Any] = []  # redis.asyncio.Connection (its methods are untyped)
+        self._no_script = NoScriptError
+
+    async def script(self, command: tuple[Any, ...], name: str) -> Any:
+        """Run ``EVALSHA`` ``command`` of script ``name``, loading it if Redis lost it."""
+        try:
+            return await self._exchange(command)
+        except self._no_script:  # Redis restarted or flushed its scripts; nothing ran
+            await self._exchange(("SCRIPT", "LOAD", getattr(redis_lua, name)))
+            return await self._exchange(command)
+
+    async def _exchange(self, command: tuple[Any, ...]) -> Any:
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._factory.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await conn.send_packed_command(conn.pack_command(*command), check_health=False)
+                reply = await conn.read_response(timeout=math.inf)
+        except self._no_script:
+            self._idle.append(conn)  # the connection itself is fine
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._idle.append(conn)
+        return reply
+
+    async def aclose(self) -> None:
+        """Close the idle connections."""
+        while self._idle:
+            with contextlib.suppress(Exception):
+                await self._idle.pop().disconnect()
 
 
 _directs: weakref.WeakSet[_RedisDirect] = weakref.WeakSet()
