@@ -208,17 +208,14 @@ def running_redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
     servers: list[RedisProcess] = []
     try:
         for _ in range(masters):
-            # The bus port defaults to port + 10000, which a free port may not allow.
-            bus = str(free_port())
-            servers.append(start_redis("--cluster-enabled", "yes", "--cluster-config-file",
-                                       "nodes.conf", "--cluster-port", bus))  # fmt: skip
+            servers.append(_start_cluster_node())
         hosts = [f"127.0.0.1:{server.port}" for server in servers]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *hosts, "--cluster-replicas", "0",
              "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
+            check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not all(_cluster_ok(server.port) for server in servers):
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not become ready")
@@ -228,6 +225,19 @@ def running_redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
         for server in servers:
             server.stop()
             shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def _start_cluster_node(attempts: int = 3) -> RedisProcess:
+    """One cluster-enabled redis-server. Its bus port (by default port + 10000, which a
+    free port may not allow) is another free port, picked again if it was taken."""
+    for attempt in range(attempts):
+        try:
+            return start_redis("--cluster-enabled", "yes", "--cluster-config-file",
+                               "nodes.conf", "--cluster-port", str(free_port()))  # fmt: skip
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _cluster_ok(port: int) -> bool:
