@@ -18,6 +18,8 @@ import pytest
 
 import lockd
 from lockd._runtime import runtime
+from lockd.backends.base import AcquireRequest
+from lockd.backends.redis import RedisBackend, _RedisDirect
 from tests.redisproc import RedisProcess, running_redis
 
 
@@ -169,3 +171,25 @@ def test_an_interrupted_queued_direct_acquire_leaves_the_queue(client: lockd.Cli
     assert not client.inspect("line").waiters
     holder.release()  # with the waiter gone, nobody is granted
     assert not client.inspect("line").holders
+
+
+def test_direct_paths_replace_dropped_connections_without_end(client: lockd.Client) -> None:
+    """A connection that fails is dropped and a new one made: more of them over a
+    process's life than a driver pool allows (100) must not stop either path."""
+    backend = client._session.backend
+    assert isinstance(backend, RedisBackend)
+    direct, connections = backend.direct, backend._connections
+    assert isinstance(direct, _RedisDirect) and connections is not None
+
+    async def through_the_loop() -> None:
+        await backend.acquire("default", "replaced", "me", ttl=5, wait=0)
+        assert await backend.release("default", "replaced", "me", None) == 0
+        while connections._idle:  # as if it failed: the next call makes a new one
+            await connections._idle.pop().disconnect()
+
+    for _ in range(120):
+        grant = direct.acquire(AcquireRequest("default", "replaced", "me", 5.0, 0, 1, None))
+        assert direct.release("default", "replaced", "me", grant.token, None) == 0
+        while direct._idle:  # as if it failed: the next call makes a new one
+            direct._idle.pop().disconnect()
+        runtime().submit(through_the_loop()).result(5)

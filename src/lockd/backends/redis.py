@@ -441,6 +441,7 @@ class _RedisDirect(DirectPath):
     """
 
     def __init__(self, backend: RedisBackend, url: str, options: dict[str, Any]) -> None:
+        from hiredis import pack_command
         from redis.exceptions import NoScriptError
 
         from redis import ConnectionPool
@@ -451,6 +452,7 @@ class _RedisDirect(DirectPath):
         self._idle: list[Any] = []  # redis.Connection (its methods are untyped)
         self._shas = {name: script.sha for name, script in backend._scripts.items()}
         self._no_script = NoScriptError  # bound once: the calls below are the hot path
+        self._pack = pack_command  # hiredis's, without the driver's checks around it
         _directs.add(self)
 
     def acquire(self, req: AcquireRequest) -> Grant:
@@ -499,9 +501,9 @@ class _RedisDirect(DirectPath):
         try:
             conn = self._idle.pop()
         except IndexError:
-            conn = self._factory.make_connection()
+            conn = _new_connection(self._factory)
         try:
-            conn.send_command(*command)
+            conn.send_packed_command([self._pack(command)], check_health=False)
             reply = conn.read_response()
         except self._no_script:
             self._idle.append(conn)  # the connection itself is fine
@@ -539,10 +541,12 @@ class _Connections:
     """
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
+        from hiredis import pack_command
         from redis.asyncio import ConnectionPool
         from redis.exceptions import NoScriptError
 
         self._factory = ConnectionPool.from_url(url, **{**options, "socket_timeout": None})
+        self._pack = pack_command  # the driver's own packing is pure Python here
         self._idle: list[Any] = []  # redis.asyncio.Connection (its methods are untyped)
         self._no_script = NoScriptError
 
@@ -558,10 +562,10 @@ class _Connections:
         try:
             conn = self._idle.pop()
         except IndexError:
-            conn = self._factory.make_connection()  # type: ignore[no-untyped-call]
+            conn = _new_connection(self._factory)
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                await conn.send_packed_command(conn.pack_command(*command), check_health=False)
+                await conn.send_packed_command(self._pack(command), check_health=False)
                 reply = await conn.read_response(timeout=math.inf)
         except self._no_script:
             self._idle.append(conn)  # the connection itself is fine
@@ -577,6 +581,15 @@ class _Connections:
         while self._idle:
             with contextlib.suppress(Exception):
                 await self._idle.pop().disconnect()
+
+
+def _new_connection(factory: Any) -> Any:
+    """A new connection with the settings of ``factory`` (a driver ConnectionPool).
+
+    Not ``factory.make_connection()``: the pool counts what it makes against its
+    ``max_connections`` (100 by default) and never hears of those we drop, so a
+    long-lived path that replaces failed connections would run out."""
+    return factory.connection_class(**factory.connection_kwargs)
 
 
 _directs: weakref.WeakSet[_RedisDirect] = weakref.WeakSet()
