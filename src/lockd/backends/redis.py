@@ -432,7 +432,7 @@ class _RedisDirect(DirectPath):
     """Acquire and release from a sync caller's thread, on blocking connections.
 
     A script call here costs about half of one made through the I/O loop: no thread
-    hand-offs, and the connection is used directly (``send_command``/``read_response``)
+    hand-offs, and the connection is used directly (``send_packed_command``/``read_response``)
     rather than through the client's per-command pool and retry layers. Connections are
     kept in a free list, taken by one thread at a time; a connection that fails is
     dropped. A queued acquire waits in the caller's thread too: its attempt id starts
