@@ -537,7 +537,8 @@ class _Connections:
     ``send_packed_command``/``read_response`` rather than through the client's pool,
     retry and per-command timeout layers. The connections have no socket timeout of
     their own (the driver's costs a task per write): one ``CALL_TIMEOUT`` bounds the
-    whole call. A connection whose call failed or was cancelled is closed.
+    whole call. A connection whose call failed or was cancelled is closed; closing the
+    backend closes every connection, in use or not, as the client's pool would.
     """
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
@@ -548,6 +549,8 @@ class _Connections:
         self._factory = ConnectionPool.from_url(url, **{**options, "socket_timeout": None})
         self._pack = pack_command  # the driver's own packing is pure Python here
         self._idle: list[Any] = []  # redis.asyncio.Connection (its methods are untyped)
+        self._open: set[Any] = set()  # every connection made and not yet closed
+        self._closed = False
         self._no_script = NoScriptError
 
     async def script(self, command: tuple[Any, ...], name: str) -> Any:
@@ -559,10 +562,13 @@ class _Connections:
             return await self._exchange(command)
 
     async def _exchange(self, command: tuple[Any, ...]) -> Any:
+        if self._closed:
+            raise ConnectionError("the connections are closed")
         try:
             conn = self._idle.pop()
         except IndexError:
             conn = _new_connection(self._factory)
+            self._open.add(conn)
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
                 await conn.send_packed_command(self._pack(command), check_health=False)
@@ -571,16 +577,25 @@ class _Connections:
             self._idle.append(conn)  # the connection itself is fine
             raise
         except BaseException:
-            await conn.disconnect(nowait=True)
+            await self._drop(conn)
             raise
-        self._idle.append(conn)
+        if self._closed:  # closed while this call was under way
+            await self._drop(conn)
+        else:
+            self._idle.append(conn)
         return reply
 
+    async def _drop(self, conn: Any) -> None:
+        self._open.discard(conn)
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+
     async def aclose(self) -> None:
-        """Close the idle connections."""
-        while self._idle:
-            with contextlib.suppress(Exception):
-                await self._idle.pop().disconnect()
+        """Close every connection; calls made from now on fail."""
+        self._closed = True
+        self._idle.clear()
+        for conn in list(self._open):
+            await self._drop(conn)
 
 
 def _new_connection(factory: Any) -> Any:
