@@ -201,17 +201,23 @@ class RedisBackend(Backend):
             raise error from exc
 
     async def _run(self, script: str, namespace: str, name: str, *args: str | int) -> list[Any]:
-        keys = _keys(namespace, name)
         connections = self._connections
-        if connections is None:
+        if connections is None:  # Redis Cluster: its client routes by the keys' slot
+            keys = _keys(namespace, name)
             reply = await self._call(
                 lambda: self._scripts[script](keys=keys, args=[WAKE_PREFIX, *args])
             )
         else:
-            command = ("EVALSHA", self._scripts[script].sha, len(keys), *keys, WAKE_PREFIX,
-                       *args)  # fmt: skip
+            command = self._evalsha(script, namespace, name, args)
             reply = await self._call(lambda: connections.script(command, script))
         return list(reply)
+
+    def _evalsha(
+        self, script: str, namespace: str, name: str, args: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
+        """The EVALSHA command of ``script`` on ``name``'s keys (for our own connections)."""
+        keys = _keys(namespace, name)
+        return ("EVALSHA", self._scripts[script].sha, len(keys), *keys, WAKE_PREFIX, *args)
 
     # --- the contract -----------------------------------------------------------------
 
@@ -450,9 +456,9 @@ class _RedisDirect(DirectPath):
         self._url = backend.url
         self._factory = ConnectionPool.from_url(url, **options)  # makes connections only
         self._idle: list[Any] = []  # redis.Connection (its methods are untyped)
-        self._shas = {name: script.sha for name, script in backend._scripts.items()}
         self._no_script = NoScriptError  # bound once: the calls below are the hot path
         self._pack = pack_command  # hiredis's, without the driver's checks around it
+        self._closed = False
         _directs.add(self)
 
     def acquire(self, req: AcquireRequest) -> Grant:
@@ -487,8 +493,7 @@ class _RedisDirect(DirectPath):
         return int(reply[1])
 
     def _run(self, script: str, namespace: str, name: str, *args: Any) -> list[Any]:
-        command = ("EVALSHA", self._shas[script], len(redis_lua.KEY_SUFFIXES),
-                   *_keys(namespace, name), WAKE_PREFIX, *args)  # fmt: skip
+        command = self._backend._evalsha(script, namespace, name, args)
         try:
             reply = self._execute(command)
         except self._no_script:  # Redis restarted or flushed its scripts; nothing ran
@@ -506,7 +511,7 @@ class _RedisDirect(DirectPath):
             conn.send_packed_command([self._pack(command)], check_health=False)
             reply = conn.read_response()
         except self._no_script:
-            self._idle.append(conn)  # the connection itself is fine
+            self._put_back(conn)  # the connection itself is fine
             raise
         except BaseException as exc:
             conn.disconnect()
@@ -514,11 +519,18 @@ class _RedisDirect(DirectPath):
             if error is None:
                 raise
             raise error from exc
-        self._idle.append(conn)
+        self._put_back(conn)
         return reply
 
+    def _put_back(self, conn: Any) -> None:
+        if self._closed:  # closed while this call was under way
+            conn.disconnect()
+        else:
+            self._idle.append(conn)
+
     def close(self) -> None:
-        """Close the idle connections."""
+        """Close the idle connections; those in use are closed when their call ends."""
+        self._closed = True
         while self._idle:
             with contextlib.suppress(Exception):
                 self._idle.pop().disconnect()
