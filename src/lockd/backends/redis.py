@@ -15,8 +15,8 @@ PUBLISHes the grant (token, count, ttl, time waited) to that waiter's inbox, so 
 woken waiter's process wakes, and it needs no further round trip. While queued, a
 waiter checks in every ``CHECK_IN`` seconds and at the earliest holder expiry: that
 refreshes its deadline and guards against a lost message. A waiter that stops checking
-in (crashed, partitioned) is dropped by the next script that touches the queue once its
-deadline passes, so it holds up those behind it no longer than that (or, if granted
+in (crashed, partitioned) is dropped once its deadline has passed, when it reaches the
+head of the queue, so it holds up those behind it no longer than that (or, if granted
 just before, its ttl).
 A cancelled acquire *abandons* its request id, which undoes it whatever it reached.
 A sync client's acquire waits in its own thread instead (``_RedisDirect``): its grant is

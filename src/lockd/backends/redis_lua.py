@@ -1,15 +1,15 @@
 """The Lua scripts of the ``redis://`` backend: one script per operation.
 
-Every script receives the same nine keys, all of one name and so all with one hash tag
+Every script receives the same eight keys, all of one name and so all with one hash tag
 (``lockd:{NAMESPACE:NAME}:...``), which keeps them in one Redis Cluster slot:
 
 ==========  =============================================================================
 ``holds``   hash owner -> ``token|count|expires_ms|granted_ms|limit``
-``hexp``    sorted set owner by expires_ms (finds expired holds and the earliest expiry)
+``hexp``    sorted set owner by expires_ms of the holds granted under a limit above 1
+            (finds a semaphore's expired holds; a lock's one hold is read directly)
 ``token``   the name's INCR counter: the last token issued; never deleted
 ``queue``   list of waiter ids (``owner<TAB>request_id``), FIFO
 ``waiters`` hash waiter id -> ``attempt|ttl_ms|enqueued_us|deadline_ms``
-``wdead``   sorted set waiter id by deadline_ms: waiters that stop checking in drop out
 ``req``     prefix of one string key per remembered request id,
             ``req<TAB>op<TAB>owner<TAB>request_id`` -> outcome, expiring after REQ_KEEP_MS;
             op ``acquire`` (its grant, or ``abandoned`` once abandoned) or ``release``
@@ -22,33 +22,36 @@ acquired-at time come from it); ``limit`` is the limit it was granted under.
 
 Time is Redis's own clock (``TIME``, allowed in scripts since Redis 5 with effects
 replication, the only mode of Redis 7); no client timestamp is ever used for expiry.
-Every script drops expired holds and dead waiters before any decision they could
-change, then grants queued waiters in order while slots are free (``settle``), and
-finally wakes the waiters it granted or removed. (Releasing the owner's own live hold
-while nobody waits is a decision they cannot change, so that release does not look for
-them.) A waiter's attempt id is ``INBOX.ID``: the wake-up goes to the channel
-ARGV[1] .. INBOX, which only the waiter's own client subscribes to, as
-``ATTEMPT=token,count,ttl_left_ms,waited_us`` for a grant (the waiter needs no further
-round trip) or ``ATTEMPT`` alone for a waiter that was removed or replaced; several
-items of one message are separated by spaces. An attempt id starting with ``!`` belongs
-to a waiter blocked in BLPOP in its own thread: its item is pushed to the list
-``req<TAB>wake<TAB>ATTEMPT`` instead (expiring after WAKE_KEEP_MS, in case nobody pops).
+Every script drops expired holds before any decision they could change, then grants
+queued waiters in order while slots are free (``settle``), and finally wakes the
+waiters it granted or removed. A waiter whose deadline has passed (it stopped checking
+in) is dropped when it reaches the head of the queue, or when it comes back. A waiter's
+attempt id is ``INBOX.ID``: the wake-up goes to the channel ARGV[1] .. INBOX, which only
+the waiter's own client subscribes to, as ``ATTEMPT=token,count,ttl_left_ms,waited_us``
+for a grant (the waiter needs no further round trip) or ``ATTEMPT`` alone for a waiter
+that was removed or replaced; several items of one message are separated by spaces. An
+attempt id starting with ``!`` belongs to a waiter blocked in BLPOP in its own thread:
+its item is pushed to the list ``req<TAB>wake<TAB>ATTEMPT`` instead (expiring after
+WAKE_KEEP_MS, in case nobody pops).
 
 Each script is a header comment (its KEYS and ARGV), then the shared ``PRELUDE``, then
 (ACQUIRE and RELEASE) its common case, then the shared ``HELPERS``, then its body.
 Replies are arrays whose first element is a status word.
 
-The common calls, an uncontended acquire or release, are kept cheap for Redis: each
-``redis.call`` costs about a microsecond, and so does each handful of functions a script
-defines (every call that reaches a definition pays for it). So the common case returns
-before ``HELPERS`` defines the queue's machinery, and calls whose answer is known are
-skipped, thanks to two invariants that every script keeps:
+Each ``redis.call`` costs a script about 3 microseconds, and so does each handful of
+functions a script defines; under contention the scripts' Redis time is on the path
+from one holder to the next. So the common calls (an uncontended acquire or release)
+return before ``HELPERS`` defines the queue's machinery, a script reads each hold at
+most once (``seen``), and calls whose answer is known are skipped, thanks to these
+invariants, which every script keeps:
 
-* settle leaves waiters only behind holders, so a name without holds has no queue
-  either (and nothing to expire);
+* a script leaves the queue *settled*: no free slot while a live waiter could take it.
+  Only time unsettles it, when a hold expires, and ``expire()`` notices that. (A dead
+  waiter blocks nobody: it is dropped when it reaches the head.) So a name without holds
+  has no queue either, and a name with a free slot has none;
 * the limit is fixed while a name has holders or waiters (a request with another limit
-  is refused), and each hold records it, so dropping a hold of limit 1 leaves no
-  ``limit`` key to delete.
+  is refused), and each hold records it. So a hold of limit 1 is its name's only hold,
+  found without ``hexp``, and dropping it leaves no ``limit`` key to delete.
 """
 
 from __future__ import annotations
@@ -70,7 +73,6 @@ KEY_SUFFIXES = (
     "token",
     "queue",
     "waiters",
-    "wdead",
     "req",
     "revoked",
     "limit",
@@ -79,20 +81,19 @@ KEY_SUFFIXES = (
 
 _KEYS_DOC = """\
 -- KEYS[1] holds    hash owner -> token|count|expires_ms|granted_ms|limit (granted under)
--- KEYS[2] hexp     zset owner by expires_ms
+-- KEYS[2] hexp     zset owner by expires_ms, of the holds granted under a limit above 1
 -- KEYS[3] token    INCR counter of the name (never deleted)
 -- KEYS[4] queue    list of waiter ids "owner\\trequest_id", FIFO
 -- KEYS[5] waiters  hash waiter id -> attempt|ttl_ms|enqueued_us|deadline_ms
--- KEYS[6] wdead    zset waiter id by deadline_ms
--- KEYS[7] req      prefix of "req\\top\\towner\\trequest_id" keys -> outcome (expiring);
+-- KEYS[6] req      prefix of "req\\top\\towner\\trequest_id" keys -> outcome (expiring);
 --                  op acquire (grant, or 'abandoned') or release (count left)
--- KEYS[8] revoked  zset of force-released tokens
--- KEYS[9] limit    holder limit of the resource while it holds or queues, if not 1
+-- KEYS[7] revoked  zset of force-released tokens
+-- KEYS[8] limit    holder limit of the resource while it holds or queues, if not 1
 """
 
 PRELUDE = r"""
 local K_HOLDS, K_HEXP, K_TOKEN, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_REQ, K_LIMIT = KEYS[7], KEYS[9]
+local K_REQ, K_LIMIT = KEYS[6], KEYS[8]
 -- Numbers given to redis.call are text first: string.format('%d') makes it much faster
 -- than Redis's own conversion (%.17g), so the common calls pass text.
 local REQ_KEEP_MS = '600000'
@@ -101,39 +102,58 @@ local ABANDONED = 'abandoned'  -- an acquire request's outcome once abandoned
 local clock = redis.call('TIME')
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local now = math.floor(now_us / 1000)
--- Sizes of holds and queue as last counted (nil: not counted yet).
-local n_holds, n_queue = nil, nil
+-- Number of holds as last counted (nil: not counted yet).
+local n_holds = nil
+-- Holds this script has read or written, by owner; `all_read`: every hold is in it.
+local seen, all_read = {}, false
+-- The name's limit once known (a hold records it; no limit key means 1).
+local limit_now = nil
 -- Set when something was removed whose name may keep a limit key: an idle name then
 -- deletes it. (Dropping a hold of limit 1 does not: that name has no limit key.)
 local drop_limit = false
 
--- The owner's hold (nil if none), from its stored value v when the caller has it.
-local function get_hold(owner, v)
-  v = v or redis.call('HGET', K_HOLDS, owner)
-  if not v then return nil end
+local function parse_hold(owner, v)
   local tok, cnt, exp, gr, lim = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
-  return {owner = owner, token = tonumber(tok), count = tonumber(cnt), expires = tonumber(exp),
-          granted = tonumber(gr), limit = tonumber(lim)}
+  local h = {owner = owner, token = tonumber(tok), count = tonumber(cnt),
+             expires = tonumber(exp), granted = tonumber(gr), limit = tonumber(lim)}
+  limit_now = h.limit
+  seen[owner] = h
+  return h
+end
+
+-- The owner's hold (nil if none).
+local function get_hold(owner)
+  local h = seen[owner]
+  if h or all_read then return h end
+  local v = redis.call('HGET', K_HOLDS, owner)
+  if not v then return nil end
+  return parse_hold(owner, v)
 end
 
 local function put_hold(h)
-  local expires = string.format('%d', h.expires)
   redis.call('HSET', K_HOLDS, h.owner,
-    string.format('%d|%d|%s|%d|%d', h.token, h.count, expires, h.granted, h.limit))
-  redis.call('ZADD', K_HEXP, expires, h.owner)
+    string.format('%d|%d|%d|%d|%d', h.token, h.count, h.expires, h.granted, h.limit))
+  if h.limit ~= 1 then redis.call('ZADD', K_HEXP, string.format('%d', h.expires), h.owner) end
+  seen[h.owner] = h
 end
 
 local function del_hold(h)
   redis.call('HDEL', K_HOLDS, h.owner)
-  redis.call('ZREM', K_HEXP, h.owner)
-  if n_holds then n_holds = n_holds - 1 end
-  if h.limit ~= 1 then drop_limit = true end
+  seen[h.owner] = nil
+  if h.limit == 1 then  -- the name's only hold
+    n_holds, all_read = 0, true
+  else
+    redis.call('ZREM', K_HEXP, h.owner)
+    if n_holds then n_holds = n_holds - 1 end
+    drop_limit = true
+  end
 end
 
 local function new_hold(owner, ttl, limit)
   local h = {owner = owner, token = redis.call('INCR', K_TOKEN), count = 1,
              expires = now + ttl, granted = now, limit = limit}
   put_hold(h)
+  if n_holds then n_holds = n_holds + 1 end
   return h
 end
 
@@ -157,11 +177,26 @@ end
 
 HELPERS = r"""
 -- Past the common case: queues, expiry, wake-ups and refusals.
-local K_WAITERS, K_WDEAD, K_REVOKED = KEYS[5], KEYS[6], KEYS[8]
+local K_WAITERS, K_REVOKED = KEYS[5], KEYS[7]
 local woken = {}
 local granted = {}  -- waiter id -> grant this script remembered for it
 local expired = false  -- expire() has run
-local limit_now = nil  -- the limit key's value (1 when absent), once read
+
+-- Every hold, oldest grant first (read at most once).
+local function all_holds()
+  if not all_read then
+    local all = redis.call('HGETALL', K_HOLDS)
+    for i = 1, #all, 2 do
+      if not seen[all[i]] then parse_hold(all[i], all[i + 1]) end
+    end
+    all_read = true
+  end
+  local list = {}
+  for _, h in pairs(seen) do table.insert(list, h) end
+  table.sort(list, function(a, b) return a.token < b.token end)
+  n_holds = #list
+  return list
+end
 
 local function get_waiter(id)
   local v = redis.call('HGET', K_WAITERS, id)
@@ -172,17 +207,13 @@ local function get_waiter(id)
           enqueued = tonumber(enq), deadline = tonumber(dl)}
 end
 
-local function put_waiter(w)
-  local deadline = string.format('%d', w.deadline)
-  redis.call('HSET', K_WAITERS, w.id,
-    string.format('%s|%d|%d|%s', w.attempt, w.ttl, w.enqueued, deadline))
-  redis.call('ZADD', K_WDEAD, deadline, w.id)
+local function waiter_value(w)
+  return string.format('%s|%d|%d|%d', w.attempt, w.ttl, w.enqueued, w.deadline)
 end
 
 local function del_waiter(id)
-  n_queue = n_queue - redis.call('LREM', K_QUEUE, 1, id)
+  redis.call('LREM', K_QUEUE, 1, id)
   redis.call('HDEL', K_WAITERS, id)
-  redis.call('ZREM', K_WDEAD, id)
   drop_limit = true
 end
 
@@ -205,45 +236,49 @@ local function current_limit()
   return limit_now
 end
 
--- Drop holds whose expiry has come (Redis's clock).
+-- Drop holds whose expiry has come (Redis's clock); true if there were any.
 local function expire()
   expired = true
-  local gone = redis.call('ZRANGEBYSCORE', K_HEXP, '-inf', string.format('%d', now))
-  for _, owner in ipairs(gone) do
-    redis.call('HDEL', K_HOLDS, owner)
-    redis.call('ZREM', K_HEXP, owner)
-    drop_limit = true
+  n_holds = n_holds or redis.call('HLEN', K_HOLDS)
+  local gone = {}
+  if n_holds == 1 then  -- a lock's hold (or a semaphore's only one): read it
+    for _, h in ipairs(all_holds()) do
+      if h.expires <= now then table.insert(gone, h) end
+    end
+  elseif n_holds > 1 then  -- a semaphore's: every one is in hexp
+    for _, owner in ipairs(redis.call('ZRANGEBYSCORE', K_HEXP, '-inf',
+                                      string.format('%d', now))) do
+      table.insert(gone, get_hold(owner))
+    end
   end
-  if n_holds then n_holds = n_holds - #gone end
+  for _, h in ipairs(gone) do del_hold(h) end
+  return #gone > 0
 end
 
--- Grant queued waiters in order while slots are free (the queue is not empty).
-local function grant_waiters()
+-- Grant queued waiters in order while slots are free (a full name can still grant the
+-- head to an owner that holds already: a re-entry), dropping dead ones on the way.
+-- `head`: the queue's first waiter id, already popped (nil: none popped). Returns
+-- whether the queue is empty now.
+local function grant_waiters(head)
+  local id, popped = head, head ~= nil
+  if not id then id = redis.call('LINDEX', K_QUEUE, 0) end
+  if not id then return true end
   if not expired then expire() end  -- expired holds free their slots first
-  local dead = redis.call('ZRANGEBYSCORE', K_WDEAD, '-inf', string.format('%d', now))
-  for _, id in ipairs(dead) do del_waiter(id) end
   n_holds = n_holds or redis.call('HLEN', K_HOLDS)
   local limit = current_limit()
-  while n_queue > 0 do
-    local id = redis.call('LINDEX', K_QUEUE, 0)
-    if not id then break end
-    -- A full name can still grant the head to an owner that holds already (re-entry).
+  while id do
     local h = nil
     if n_holds > 0 then h = get_hold(string.match(id, '^([^\t]*)')) end
-    if not h and n_holds >= limit then break end
+    if not h and n_holds >= limit then
+      if popped then redis.call('LPUSH', K_QUEUE, id) end  -- not its turn after all
+      return false
+    end
+    if not popped then redis.call('LPOP', K_QUEUE) end
     local w = get_waiter(id)
-    if not w then
-      redis.call('LPOP', K_QUEUE)
-      n_queue = n_queue - 1
-      drop_limit = true
-    else
-      del_waiter(id)
-      if h then
-        reenter(h, w.ttl)
-      else
-        h = new_hold(w.owner, w.ttl, limit)
-        n_holds = n_holds + 1
-      end
+    if w then redis.call('HDEL', K_WAITERS, id) end
+    drop_limit = true
+    if w and w.deadline > now then
+      if h then reenter(h, w.ttl) else h = new_hold(w.owner, w.ttl, limit) end
       local key = req_key('acquire', w.owner, w.rid)
       if key then
         local grant = string.format('%d|%d|%s', h.token, now_us - w.enqueued, w.attempt)
@@ -253,15 +288,20 @@ local function grant_waiters()
       table.insert(woken, string.format('%s=%d,%d,%d,%d', w.attempt, h.token, h.count,
         h.expires - now, now_us - w.enqueued))
     end
+    if n_holds < limit then
+      id, popped = redis.call('LPOP', K_QUEUE), true
+    else
+      id, popped = redis.call('LINDEX', K_QUEUE, 0), false
+    end
   end
+  return true
 end
 
--- Grant queued waiters in order while slots are free; forget an idle resource's limit.
--- Leaves n_queue (and, if it had to count them, n_holds) set.
-local function settle()
-  n_queue = n_queue or redis.call('LLEN', K_QUEUE)
-  if n_queue > 0 then grant_waiters() end
-  if drop_limit and n_queue == 0 then
+-- Grant queued waiters in order while slots are free (`head`: see grant_waiters);
+-- forget an idle resource's limit.
+local function settle(head)
+  local empty = grant_waiters(head)
+  if drop_limit and empty then
     n_holds = n_holds or redis.call('HLEN', K_HOLDS)
     if n_holds == 0 then
       redis.call('DEL', K_LIMIT)
@@ -270,16 +310,12 @@ local function settle()
   end
 end
 
--- Drop expired holds, then settle. A name without holds has no queue either (settle
--- leaves waiters only behind holders), so it needs neither.
-local function touch()
+-- Drop expired holds, and settle if any were (the queue was settled before; see the
+-- invariants), or always with `always`. A name without holds has no queue either.
+local function touch(always)
   n_holds = n_holds or redis.call('HLEN', K_HOLDS)
-  if n_holds == 0 then
-    n_queue = 0
-    return
-  end
-  expire()
-  settle()
+  if n_holds == 0 then return end
+  if expire() or always then settle() end
 end
 
 -- Wake the waiters this script granted or removed (each client on its own inbox
@@ -313,8 +349,8 @@ local function find(owner, token)
   local h = get_hold(owner)
   if h and (token == 0 or h.token == token) then return h, nil end
   if token ~= 0 then
-    for _, v in ipairs(redis.call('HVALS', K_HOLDS)) do
-      if tonumber(string.match(v, '^(%d+)|')) == token then return nil, 'not_held' end
+    for _, other in ipairs(all_holds()) do
+      if other.token == token then return nil, 'not_held' end
     end
     if redis.call('ZSCORE', K_REVOKED, token) then return nil, 'revoked' end
     if token <= tonumber(redis.call('GET', K_TOKEN) or '0') then return nil, 'lost' end
@@ -370,24 +406,47 @@ end
 local attempt, mode, lease = ARGV[4], ARGV[7], tonumber(ARGV[8])
 local waiting = (mode == 'wait' or mode == 'leave')
 
-local function next_expiry()
-  local first = redis.call('ZRANGE', K_HEXP, 0, 0, 'WITHSCORES')
-  if #first == 0 then return -1 end
-  return math.max(0, tonumber(first[2]) - now)
+-- ms until the earliest holder expiry (-1: none) and the holders, for a queued reply
+local function queued()
+  local owners, first = {}, nil
+  for _, h in ipairs(all_holds()) do
+    table.insert(owners, h.owner)
+    if not first or h.expires < first then first = h.expires end
+  end
+  return finish({'queued', first and math.max(0, first - now) or -1, owners})
 end
 
 -- "owner (token N), ..." of the live holds, for a timeout's message
 local function holders_text()
   local parts = {}
-  local all = redis.call('HGETALL', K_HOLDS)
-  for i = 1, #all, 2 do
-    table.insert(parts, all[i] .. ' (token ' .. string.match(all[i + 1], '^(%d+)|') .. ')')
+  for _, h in ipairs(all_holds()) do
+    table.insert(parts, h.owner .. ' (token ' .. h.token .. ')')
   end
   if #parts == 0 then return 'nobody' end
   return table.concat(parts, ', ')
 end
 
-touch()
+-- This request's queue entry, if it is still alive (a dead one is dropped here).
+local function own_waiter(id)
+  local w = get_waiter(id)
+  if w and w.deadline <= now then
+    del_waiter(id)
+    settle()  -- it may have been the head
+    return nil
+  end
+  return w
+end
+
+-- A retry of a queued request takes over its place.
+local function take_over(w)
+  table.insert(woken, w.attempt)
+  w.attempt = attempt
+  w.deadline = now + lease
+  redis.call('HSET', K_WAITERS, w.id, waiter_value(w))
+  return queued()
+end
+
+touch(waiting)  -- a check-in settles: a dead waiter at the head goes
 local id = owner .. '\t' .. rid
 rem = granted[id] or rem  -- touch() may have granted this very request from the queue
 if rem then
@@ -398,9 +457,8 @@ if rem then
   if not waiting then waited = 0 end
   return finish(grant_reply(h, waited))
 end
-local w = nil
-if n_queue > 0 then w = get_waiter(id) end
 if waiting then
+  local w = own_waiter(id)
   if w and w.attempt == attempt then
     if mode == 'leave' then
       del_waiter(id)
@@ -408,42 +466,44 @@ if waiting then
       return finish({'gone', holders_text()})
     end
     w.deadline = now + lease
-    put_waiter(w)
-    return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
+    redis.call('HSET', K_WAITERS, id, waiter_value(w))
+    return queued()
   end
   if w then return finish({'replaced'}) end
   if mode == 'leave' then return finish({'gone', holders_text()}) end
   -- dropped from the queue (it missed its deadline): it queues again below
 end
-if n_holds > 0 or n_queue > 0 then
+if n_holds > 0 then  -- so the name has a limit (and a free slot means no queue)
   local have = current_limit()
   if have ~= limit then return finish({'invalid', have}) end
 elseif limit ~= 1 then
   redis.call('SET', K_LIMIT, limit)
 end
-if w and mode == 'new' then  -- a retry of a queued request takes over its place
-  table.insert(woken, w.attempt)
-  w.attempt = attempt
-  w.deadline = now + lease
-  put_waiter(w)
-  return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
-end
 local h = nil
 if n_holds > 0 then h = get_hold(owner) end
 if h then
+  if mode == 'new' then
+    local w = own_waiter(id)
+    if w then return take_over(w) end
+  end
   reenter(h, ttl)
   remember(key, string.format('%d', h.token))
   return finish(grant_reply(h, 0))
 end
-if n_holds < limit and n_queue == 0 then
+if n_holds < limit then  -- a free slot: settled, so nobody waits
   h = new_hold(owner, ttl, limit)
   remember(key, string.format('%d', h.token))
   return finish(grant_reply(h, 0))
 end
 if mode == 'try' then return finish({'denied', holders_text()}) end
-put_waiter({id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease})
+local w = {id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease}
+if redis.call('HSETNX', K_WAITERS, id, waiter_value(w)) == 0 then
+  local queued_before = own_waiter(id)
+  if queued_before then return take_over(queued_before) end
+  redis.call('HSET', K_WAITERS, id, waiter_value(w))
+end
 redis.call('RPUSH', K_QUEUE, id)
-return finish({'queued', next_expiry(), redis.call('HKEYS', K_HOLDS)})
+return queued()
 """,
 )
 
@@ -464,12 +524,15 @@ if rem then return {'ok', tonumber(rem)} end
 -- any, so this case need not look for them.
 local h = get_hold(owner)
 local own = h and h.expires > now and (token == 0 or h.token == token)
-local left = 0
+local left, head = 0, nil
 if own then
   left = drop_one(h)
   remember(key, string.format('%d', left))
-  n_queue = redis.call('LLEN', K_QUEUE)
-  if n_queue == 0 and not drop_limit then return {'ok', left} end
+  if left > 0 then return {'ok', left} end  -- no slot freed
+  if h.limit == 1 then  -- the lock is free now: its first waiter, if any, takes it
+    head = redis.call('LPOP', K_QUEUE)
+    if not head then return {'ok', 0} end
+  end
 end
 """,
     body=r"""
@@ -484,7 +547,7 @@ if not own then
   left = drop_one(h)
   remember(key, string.format('%d', left))
 end
-settle()
+settle(head)
 return finish({'ok', left})
 """,
 )
@@ -521,11 +584,10 @@ local rem = key and redis.call('GET', key)
 if rem == ABANDONED then return {'ok'} end
 touch()
 local id = owner .. '\t' .. rid
-local w = nil
-if n_queue > 0 then w = get_waiter(id) end
+local w = get_waiter(id)
 if w then
   del_waiter(id)
-  table.insert(woken, w.attempt)
+  if w.deadline > now then table.insert(woken, w.attempt) end  -- a dead one is not told
   settle()
 else
   rem = granted[id] or rem  -- touch() may have granted it from the queue just now
@@ -554,14 +616,11 @@ local only = ARGV[2]
 local MAX_REVOKED = 1000
 touch()
 local evicted = {}
-local all = redis.call('HGETALL', K_HOLDS)
-for i = 1, #all, 2 do
-  local owner = all[i]
-  if only == '' or owner == only then
-    local h = get_hold(owner, all[i + 1])
+for _, h in ipairs(all_holds()) do
+  if only == '' or h.owner == only then
     del_hold(h)
     redis.call('ZADD', K_REVOKED, h.token, h.token)
-    table.insert(evicted, {owner, h.token, h.count, h.expires - now, now - h.granted,
+    table.insert(evicted, {h.owner, h.token, h.count, h.expires - now, now - h.granted,
                            h.granted})
   end
 end
@@ -573,24 +632,22 @@ return finish({'ok', evicted})
 
 INSPECT = _script(
     """\
--- lockd inspect: holders, waiters in order, limit and last token of one name.
+-- lockd inspect: holders, live waiters in order, limit and last token of one name.
 -- ARGV[1] wake-up channel prefix
 -- Replies: {'ok', limit, last_token, {{owner, token, count, ttl_left_ms, held_for_ms,
 --   acquired_at_ms}...}, {{owner, waited_us}...}}
 """,
     r"""
-touch()
+touch(true)
 local holders = {}
-local all = redis.call('HGETALL', K_HOLDS)
-for i = 1, #all, 2 do
-  local h = get_hold(all[i], all[i + 1])
+for _, h in ipairs(all_holds()) do
   table.insert(holders, {h.owner, h.token, h.count, h.expires - now, now - h.granted,
                          h.granted})
 end
 local waiters = {}
 for _, id in ipairs(redis.call('LRANGE', K_QUEUE, 0, -1)) do
   local w = get_waiter(id)
-  if w then table.insert(waiters, {w.owner, now_us - w.enqueued}) end
+  if w and w.deadline > now then table.insert(waiters, {w.owner, now_us - w.enqueued}) end
 end
 local last = tonumber(redis.call('GET', K_TOKEN) or '0')
 return finish({'ok', current_limit(), last, holders, waiters})
