@@ -291,6 +291,13 @@ def run_pairs(
     return latencies, last.wall - first.wall, first, last
 
 
+def median_round_ratio(rounds: list[Json], base: list[Json]) -> float:
+    """The median over the interleaved rounds of one rate divided by ``base``'s rate in
+    the same round (a change in the machine's load falls on both alike)."""
+    ratios = [x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(rounds, base, strict=True)]
+    return float(statistics.median(ratios))
+
+
 def uncontended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
     """Every library's uncontended pairs on the same Redis, in ``--rounds`` interleaved
     slices of ``--duration`` seconds each."""
@@ -346,11 +353,7 @@ def uncontended_section(server: RedisProcess, args: argparse.Namespace) -> Json:
                 "pairs_per_s": round(rate, 1),
                 "ratio_to_floor": round(rate / floor_rate, 3),
                 "median_round_ratio_to_floor": round(
-                    statistics.median(
-                        x["pairs_per_s"] / f["pairs_per_s"]
-                        for x, f in zip(acc["rounds"], per_lib["floor"]["rounds"], strict=True)
-                    ),
-                    3,
+                    median_round_ratio(acc["rounds"], per_lib["floor"]["rounds"]), 3
                 ),
                 "latency": latency_summary(acc["latencies"]),
                 "client_cpu_us_per_pair": round(acc["own_cpu"] / pairs * 1e6, 1),
@@ -603,10 +606,7 @@ def goals(report: Json) -> list[str]:
         for lib in ("lockd", "lockd-try"):
             if lib in unc:
                 mine = unc[lib]
-                ratio = statistics.median(
-                    x["pairs_per_s"] / y["pairs_per_s"]
-                    for x, y in zip(mine["rounds"], peer["rounds"], strict=True)
-                )
+                ratio = median_round_ratio(mine["rounds"], peer["rounds"])
                 verdict = "met" if ratio >= 1 else "missed"
                 lines.append(
                     f"- Uncontended, {LABELS[lib]} >= redis-py Lock: {fmt(mine['pairs_per_s'])} "

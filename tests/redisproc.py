@@ -230,14 +230,15 @@ def running_redis_cluster(masters: int = 3) -> Iterator[list[RedisProcess]]:
 def _start_cluster_node(attempts: int = 3) -> RedisProcess:
     """One cluster-enabled redis-server. Its bus port (by default port + 10000, which a
     free port may not allow) is another free port, picked again if it was taken."""
-    for attempt in range(attempts):
-        try:
-            return start_redis("--cluster-enabled", "yes", "--cluster-config-file",
-                               "nodes.conf", "--cluster-port", str(free_port()))  # fmt: skip
-        except RuntimeError:
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+
+    def start() -> RedisProcess:
+        return start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                           "--cluster-port", str(free_port()))  # fmt: skip
+
+    for _ in range(attempts - 1):
+        with contextlib.suppress(RuntimeError):
+            return start()
+    return start()
 
 
 def _cluster_ok(port: int) -> bool:

@@ -586,16 +586,19 @@ class _Connections:
                 await conn.send_packed_command(self._pack(command), check_health=False)
                 reply = await conn.read_response(timeout=math.inf)
         except self._no_script:
-            self._idle.append(conn)  # the connection itself is fine
+            await self._put_back(conn)  # the connection itself is fine
             raise
         except BaseException:
             await self._drop(conn)
             raise
+        await self._put_back(conn)
+        return reply
+
+    async def _put_back(self, conn: Any) -> None:
         if self._closed:  # closed while this call was under way
             await self._drop(conn)
         else:
             self._idle.append(conn)
-        return reply
 
     async def _drop(self, conn: Any) -> None:
         self._open.discard(conn)

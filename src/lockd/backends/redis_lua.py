@@ -263,8 +263,7 @@ local function grant_waiters(head)
   local id, popped = head, head ~= nil
   if not id then id = redis.call('LINDEX', K_QUEUE, 0) end
   if not id then return true end
-  if not expired then expire() end  -- expired holds free their slots first
-  n_holds = n_holds or redis.call('HLEN', K_HOLDS)
+  if not expired then expire() end  -- expired holds free their slots first; it counts them
   local limit = current_limit()
   while id do
     local h = nil
