@@ -267,13 +267,16 @@ async def test_timed_out_acquire_granted_meanwhile_is_not_leaked(
     backend: lockd.Backend, yields: int
 ) -> None:
     held = await backend.acquire(NS, "late", "a", ttl=5, wait=0)
-    doomed = asyncio.create_task(backend.acquire(NS, "late", "b", ttl=5, wait=0.1))
+    # "b" must still be queued when both waiters are counted, on a loaded machine too.
+    doomed_wait = 0.3
+    started = time.monotonic()
+    doomed = asyncio.create_task(backend.acquire(NS, "late", "b", ttl=5, wait=doomed_wait))
     await bqueued(backend, "late", 1)
     behind = asyncio.create_task(backend.acquire(NS, "late", "c", ttl=5, wait=5))
     await bqueued(backend, "late", 2)
     # "b"'s wait runs out while the loop is busy; the release then lands at one of the
     # next few scheduling points around the handling of that timeout.
-    time.sleep(0.15)  # noqa: ASYNC251
+    time.sleep(max(0.05, started + doomed_wait + 0.05 - time.monotonic()))  # noqa: ASYNC251
     for _ in range(yields):
         await asyncio.sleep(0)
     releasing = asyncio.create_task(backend.release(NS, "late", "a", held.token))
