@@ -48,7 +48,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from lockd.backends import redact_url, redis_lua
@@ -503,24 +503,49 @@ class _RedisDirect(DirectPath):
 
     def _execute(self, command: tuple[Any, ...]) -> Any:
         """Send one command on an idle connection and read its reply."""
+        return self.receive(self.send(command))
+
+    def send(self, command: tuple[Any, ...], timeout: float | None = None) -> Any:
+        """Send ``command`` on an idle connection; returns the connection, for
+        :meth:`receive`. ``timeout``: a new connection's bound on each step of its
+        set-up (connect, handshake) and on each later socket operation without its own."""
         try:
             conn = self._idle.pop()
         except IndexError:
             conn = _new_connection(self._factory)
+            if timeout is not None:
+                conn.socket_connect_timeout = conn.socket_timeout = timeout
         try:
             conn.send_packed_command([self._pack(command)], check_health=False)
-            reply = conn.read_response()
+        except BaseException as exc:
+            self._raise_dropped(conn, exc)
+        return conn
+
+    def receive(self, conn: Any, timeout: float | None = None) -> Any:
+        """Read the reply to the command :meth:`send` sent on ``conn`` (within ``timeout``
+        s, if given), and put the connection back."""
+        try:
+            reply = conn.read_response() if timeout is None else conn.read_response(timeout=timeout)
         except self._no_script:
             self._put_back(conn)  # the connection itself is fine
             raise
         except BaseException as exc:
-            conn.disconnect()
-            error = _store_error(self._url, exc) if isinstance(exc, Exception) else None
-            if error is None:
-                raise
-            raise error from exc
+            self._raise_dropped(conn, exc)
         self._put_back(conn)
         return reply
+
+    def drop(self, conn: Any) -> None:
+        """Close a connection whose reply will not be read."""
+        with contextlib.suppress(Exception):
+            conn.disconnect()
+
+    def _raise_dropped(self, conn: Any, exc: BaseException) -> NoReturn:
+        """Close ``conn`` after ``exc``; raise lockd's error for a store failure, else ``exc``."""
+        self.drop(conn)
+        error = _store_error(self._url, exc) if isinstance(exc, Exception) else None
+        if error is None:
+            raise exc
+        raise error from exc
 
     def _put_back(self, conn: Any) -> None:
         if self._closed:  # closed while this call was under way

@@ -58,10 +58,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from lockd.backends import redact_url
+from lockd.backends import redact_url, redis_lua
 from lockd.backends import redis as redis_backend
-from lockd.backends.base import AcquireRequest, Backend, undo_on_cancel
-from lockd.backends.redis import RedisBackend, _holder, _not_held
+from lockd.backends.base import (
+    AcquireRequest,
+    Backend,
+    ContinueOnLoop,
+    DirectPath,
+    undo_on_cancel,
+)
+from lockd.backends.redis import RedisBackend, _holder, _not_held, _RedisDirect
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -143,6 +149,15 @@ class _Round:
         return f"{self.base}~{self.index}"
 
 
+@dataclass
+class _Begun:
+    """A round whose first step a sync caller's thread sent (``_RedlockDirect``), for
+    the I/O loop to go on with."""
+
+    round: _Round
+    woken: asyncio.Event
+
+
 class RedlockBackend(Backend):
     """Locks on N independent Redis nodes by majority (``redlock://h1:p1,h2:p2,h3:p3``)."""
 
@@ -161,6 +176,7 @@ class RedlockBackend(Backend):
         self._majority = len(self._nodes) // 2 + 1
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # request id -> its last round
         self._abandoned: OrderedDict[str, None] = OrderedDict()
+        self._begun: OrderedDict[str, _Begun] = OrderedDict()  # request id -> its round
         self._background: set[asyncio.Future[Any]] = set()
 
     # --- connection -------------------------------------------------------------------
@@ -169,6 +185,9 @@ class RedlockBackend(Backend):
         """Connect to every node; a majority must answer."""
         replies = await self._fan(lambda i: self._nodes[i].open(), 5.0)
         self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "open")
+        directs = [n.direct for n in self._nodes if isinstance(n.direct, _RedisDirect)]
+        if len(directs) == len(self._nodes):
+            self.direct = _RedlockDirect(self, directs)
 
     async def ping(self) -> None:
         """Raise BackendUnavailable unless a majority of nodes answers."""
@@ -231,29 +250,32 @@ class RedlockBackend(Backend):
                                  name=req.name, owner=req.owner)  # fmt: skip
         current: list[_Round] = []
         return await undo_on_cancel(
-            self._rounds_until_granted(req, base, current),
+            self._rounds_until_granted(req, base, current, self._begun.pop(base, None)),
             lambda: self._give_up(req, current[-1]) if current else None,
             self._background,
         )
 
     async def _rounds_until_granted(
-        self, req: AcquireRequest, base: str, current: list[_Round]
+        self, req: AcquireRequest, base: str, current: list[_Round], begun: _Begun | None
     ) -> Grant:
+        """Rounds until one is granted; the first is ``begun``'s, if a sync caller's
+        thread began it."""
         name, owner, ttl, wait = req.name, req.owner, req.ttl, req.wait
-        started = time.monotonic()
-        end = None if wait is None else started + wait
-        woken = asyncio.Event()
+        started = time.monotonic() if begun is None else begun.round.started
+        end = None if wait is None else time.monotonic() + wait
+        woken = asyncio.Event() if begun is None else begun.woken
         timeout = node_timeout(ttl)
-        if wait != 0:  # subscribe first, then ask: no wake-up is missed
+        if wait != 0 and begun is None:  # subscribe first, then ask: no wake-up is missed
             await self._fan(lambda i: self._nodes[i]._listen(timeout), timeout)
         while True:
-            rnd = self._next_round(base)
+            rnd = self._next_round(base) if begun is None else begun.round
             current.append(rnd)
             for node in self._nodes:
                 node._wake[rnd.attempt] = woken
             try:
-                grant = await self._round(req, rnd, end, woken)
+                grant = await self._round(req, rnd, end, woken, stepped=begun is not None)
             finally:
+                begun = None
                 for node in self._nodes:
                     node._forget_attempt(rnd.attempt)
             if grant is not None:
@@ -266,31 +288,36 @@ class RedlockBackend(Backend):
             await asyncio.sleep(pause)
 
     async def _round(
-        self, req: AcquireRequest, rnd: _Round, end: float | None, woken: asyncio.Event
+        self,
+        req: AcquireRequest,
+        rnd: _Round,
+        end: float | None,
+        woken: asyncio.Event,
+        stepped: bool = False,
     ) -> Grant | None:
-        """One attempt: a Grant, or None (undone on every node) to try again."""
+        """One attempt: a Grant, or None (undone on every node) to try again.
+        ``stepped``: the first step was sent and its replies noted already."""
         namespace, name, owner, ttl, wait, limit = (
             req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit
         )  # fmt: skip
         need = quorum(len(self._nodes), limit)
-        args = (namespace, name, owner, rnd.rid, rnd.attempt, max(1, round(ttl * 1000)), limit)
 
         async def give_up() -> None:
             await self._give_up(req, rnd)
 
         async def step(nodes: Iterable[int], mode: str) -> None:
             sent = time.monotonic()
+            args = _acquire_args(req, rnd, mode)
             replies = await self._fan(
-                lambda i: self._nodes[i]._run("ACQUIRE", *args, mode, WAITER_LEASE_MS),
+                lambda i: self._nodes[i]._run("ACQUIRE", namespace, name, *args),
                 node_timeout(ttl),
                 nodes,
             )
-            rnd.next_expiry = None
-            for i, reply in replies.items():
-                self._note(rnd, i, reply, sent)
+            self._note_step(rnd, replies, sent)
 
-        rnd.started = time.monotonic()
-        await step(range(len(self._nodes)), "try" if wait == 0 else "new")
+        if not stepped:
+            rnd.started = time.monotonic()
+            await step(range(len(self._nodes)), _first_mode(wait))
         looked_again = False
         while True:
             if len(rnd.grants) >= need:
@@ -353,6 +380,12 @@ class RedlockBackend(Backend):
                 async with asyncio.timeout(pause):
                     await woken.wait()
         woken.clear()
+
+    def _note_step(self, rnd: _Round, replies: dict[int, list[Any] | _Down], sent: float) -> None:
+        """Record the nodes' replies to an acquire step sent at ``sent``."""
+        rnd.next_expiry = None
+        for i, reply in replies.items():
+            self._note(rnd, i, reply, sent)
 
     def _note(self, rnd: _Round, i: int, reply: list[Any] | _Down, sent: float) -> None:
         """Record one node's reply to an acquire step."""
@@ -464,11 +497,8 @@ class RedlockBackend(Backend):
         self, namespace: str, name: str, owner: str, ttl: float, need: int, rnd: _Round
     ) -> Grant | None:
         """Agree on one token across the granting nodes and check validity (or None)."""
-        reentered = {i: g for i, g in rnd.grants.items() if g.count > 1}
-        if reentered:  # the owner held already: its token stands
-            token = max(g.token for g in reentered.values())
-        else:
-            token = max(g.token for g in rnd.grants.values())
+        token = _agreed_token(rnd)
+        if not any(g.count > 1 for g in rnd.grants.values()):
             lower = [i for i, g in rnd.grants.items() if g.token < token]
             if lower:
                 replies = await self._fan(
@@ -513,6 +543,16 @@ class RedlockBackend(Backend):
         rnd.undone = True
         await self._undo(req.namespace, req.name, req.owner, rnd.rid, req.ttl)
 
+    def _listening(self) -> bool:
+        """Every node's pub/sub subscription is confirmed (read from any thread)."""
+        return all(
+            n._listening is not None
+            and n._listening.done()
+            and n._reader is not None
+            and not n._reader.done()
+            for n in self._nodes
+        )
+
     async def _undo(
         self,
         namespace: str,
@@ -540,6 +580,10 @@ class RedlockBackend(Backend):
 
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
         self._remember(self._abandoned, request_id, None)
+        begun = self._begun.pop(request_id, None)
+        if begun is not None:  # begun in a caller's thread, never taken up by the loop
+            for node in self._nodes:
+                node._forget_attempt(begun.round.attempt)
         last = self._rounds.get(request_id)
         rounds = 0 if last is None else last.index + 1
         rids = [f"{request_id}~{n}" for n in range(rounds + 1)]
@@ -557,6 +601,12 @@ class RedlockBackend(Backend):
         replies = await self._fan_run(
             "RELEASE", namespace, name, owner, token or 0, request_id or ""
         )
+        return self._released(replies, name, owner, token)
+
+    def _released(
+        self, replies: dict[int, list[Any] | _Down], name: str, owner: str, token: int | None
+    ) -> int:
+        """The count left after a release that got ``replies``, or why it failed."""
         left = [int(r[1]) for r in replies.values() if isinstance(r, list) and r[0] == "ok"]
         if len(left) >= self._majority:
             return max(left)
@@ -680,6 +730,127 @@ class RedlockBackend(Backend):
                 if known is None or holder.token > known.token:
                     evicted[holder.owner] = holder
         return sorted(evicted.values(), key=lambda h: h.token)
+
+
+def _first_mode(wait: float | None) -> str:
+    """The ACQUIRE mode of a round's first step."""
+    return "try" if wait == 0 else "new"
+
+
+def _acquire_args(req: AcquireRequest, rnd: _Round, mode: str) -> tuple[str | int, ...]:
+    """ACQUIRE's arguments after the name, for one step of round ``rnd``."""
+    ttl_ms = max(1, round(req.ttl * 1000))
+    return (req.owner, rnd.rid, rnd.attempt, ttl_ms, req.limit, mode, WAITER_LEASE_MS)
+
+
+def _agreed_token(rnd: _Round) -> int:
+    """The token a round's grants settle on: the owner's own if it held already (a
+    re-entry), else the highest any node gave."""
+    reentered = [g.token for g in rnd.grants.values() if g.count > 1]
+    return max(reentered or [g.token for g in rnd.grants.values()])
+
+
+class _RedlockDirect(DirectPath):
+    """Acquire and release from a sync caller's thread, on each node's blocking
+    connections (``_RedisDirect``).
+
+    A request goes to every node before any reply is read, so the nodes work in
+    parallel, and every read is bounded by one deadline (:func:`node_timeout`). An
+    acquire that one step settles cleanly (every node granted it with the same token,
+    and it is still valid) ends here. Any other (queued, split, a node down or with
+    another token) is handed to the I/O loop as it stands (ContinueOnLoop), which goes
+    on exactly as with a round it sent itself; so is any acquire while a node's pub/sub
+    subscription is not confirmed, before anything is sent.
+    """
+
+    def __init__(self, backend: RedlockBackend, nodes: list[_RedisDirect]) -> None:
+        self._backend = backend
+        self._nodes = nodes
+
+    def acquire(self, req: AcquireRequest) -> Grant:
+        backend = self._backend
+        base = req.request_id or uuid.uuid4().hex
+        if req.wait != 0 and not backend._listening():
+            raise ContinueOnLoop()  # the loop subscribes first: no wake-up is missed
+        rnd = backend._next_round(base)
+        woken = asyncio.Event()  # set from the loop; awaited there if the loop goes on
+        for node in backend._nodes:
+            node._wake[rnd.attempt] = woken
+        rnd.started = time.monotonic()
+        replies = self._fan("ACQUIRE", req.namespace, req.name,
+                            _acquire_args(req, rnd, _first_mode(req.wait)),
+                            node_timeout(req.ttl))  # fmt: skip
+        backend._note_step(rnd, replies, rnd.started)
+        grant = self._clean_grant(req, rnd)
+        if grant is not None:
+            for node in backend._nodes:
+                node._forget_attempt(rnd.attempt)
+            return grant
+        backend._remember(backend._begun, base, _Begun(rnd, woken))
+        raise ContinueOnLoop()
+
+    def _clean_grant(self, req: AcquireRequest, rnd: _Round) -> Grant | None:
+        """The grant when every node granted with one token and it is valid, else None."""
+        if len(rnd.grants) < len(self._nodes):
+            return None
+        token = _agreed_token(rnd)
+        if any(g.token != token for g in rnd.grants.values()):
+            return None
+        need = quorum(len(self._nodes), req.limit)
+        validity = _validity([g.ends for g in rnd.grants.values()], need, req.ttl)
+        if validity <= 0:
+            return None
+        return Grant(name=req.name, owner=req.owner, token=token,
+                     count=max(g.count for g in rnd.grants.values()), ttl=validity,
+                     waited=time.monotonic() - rnd.started)  # fmt: skip
+
+    def release(
+        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+    ) -> int:
+        replies = self._fan("RELEASE", namespace, name,
+                            (owner, token or 0, request_id or ""), 1.0)  # fmt: skip
+        return self._backend._released(replies, name, owner, token)
+
+    def _fan(
+        self, script: str, namespace: str, name: str, args: tuple[Any, ...], within: float
+    ) -> dict[int, list[Any] | _Down]:
+        """Send ``script`` to every node, then read the replies, all within ``within`` s."""
+        deadline = time.monotonic() + within
+        command = self._backend._nodes[0]._evalsha(script, namespace, name, args)
+        replies: dict[int, list[Any] | _Down] = {}
+        sent: dict[int, Any] = {}
+        try:
+            for i, node in enumerate(self._nodes):
+                try:
+                    sent[i] = node.send(command, _left(deadline))
+                except BackendUnavailable:
+                    replies[i] = _DOWN
+            for i in list(sent):
+                conn = sent.pop(i)
+                replies[i] = self._reply(i, script, command, conn, deadline)
+        finally:
+            for i, conn in sent.items():  # left unread by an unexpected error
+                self._nodes[i].drop(conn)
+        return dict(sorted(replies.items()))
+
+    def _reply(
+        self, i: int, script: str, command: tuple[Any, ...], conn: Any, deadline: float
+    ) -> list[Any] | _Down:
+        node = self._nodes[i]
+        try:
+            try:
+                return list(node.receive(conn, _left(deadline)))
+            except node._no_script:  # the node restarted or flushed its scripts
+                node._execute(("SCRIPT", "LOAD", getattr(redis_lua, script)))
+                return list(node.receive(node.send(command, _left(deadline)), _left(deadline)))
+        except BackendUnavailable as exc:
+            log.debug("%s: %s", self._backend._nodes[i].url, exc)
+            return _DOWN
+
+
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline``; a little more than none, since 0 would not block."""
+    return max(deadline - time.monotonic(), 0.001)
 
 
 class _Down:

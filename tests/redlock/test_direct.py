@@ -1,0 +1,145 @@
+"""RedLock's direct path: sync callers send each node's request from their own thread.
+
+These check what the path must keep: an uncontended acquire and release do not need
+the I/O loop; a queued acquire is handed to the loop as it stands (one place in each
+node's queue, granted in turn); a paused node delays a grant by no more than the node
+timeout; an interrupted acquire is undone on every node.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import lockd
+from lockd._runtime import runtime
+from lockd.backends.redis import RedisBackend
+from tests.conformance.helpers import NS
+from tests.redis.test_direct import ctrl_c_after
+from tests.redisproc import RedisProcess
+from tests.redlock import redlock_url
+
+
+@pytest.fixture
+def client(redlock_nodes: list[RedisProcess]) -> Iterator[lockd.Client]:
+    with lockd.Client(redlock_url(redlock_nodes)) as opened:
+        yield opened
+
+
+def _wait_for(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_uncontended_sync_calls_do_not_wait_for_a_busy_io_loop(client: lockd.Client) -> None:
+    lock = client.lock("busy-loop", ttl=5)
+    lock.acquire()  # the first acquire lets the loop subscribe on every node
+    lock.release()
+    release_loop = threading.Event()
+
+    async def block_loop() -> None:
+        release_loop.wait(10)  # blocks the whole I/O thread
+
+    blocked = runtime().submit(block_loop())
+    try:
+        started = time.monotonic()
+        tokens: list[int] = []
+        for _ in range(20):
+            lock.acquire()
+            assert lock.token is not None
+            tokens.append(lock.token)
+            lock.release()
+        took = time.monotonic() - started
+    finally:
+        release_loop.set()
+        blocked.result(5)
+    assert took < 5, "sync acquire/release on redlock waited for the blocked I/O loop"
+    assert tokens == sorted(set(tokens)), "every grant has a new, higher token"
+    assert not client.inspect("busy-loop").holders
+
+
+def test_a_queued_direct_acquire_keeps_one_place_and_is_granted_in_turn(
+    client: lockd.Client, redlock_nodes: list[RedisProcess]
+) -> None:
+    first = client.lock("queue", ttl=5, owner="first")
+    second = client.lock("queue", ttl=5, owner="second")
+    third = client.lock("queue", ttl=5, owner="third")
+    first.acquire()  # also lets the loop subscribe, so the waiters below start directly
+    granted: list[str] = []
+
+    def wait_in_line(lock: lockd.Lock) -> None:
+        lock.acquire(wait=10)
+        granted.append(lock.owner)
+        lock.release()
+
+    waiters: list[threading.Thread] = []
+
+    def queued() -> bool:
+        return len(client.inspect("queue").waiters) == len(waiters)
+
+    for lock in (second, third):
+        waiters.append(threading.Thread(target=wait_in_line, args=(lock,)))
+        waiters[-1].start()
+        _wait_for(queued)
+    assert [w.owner for w in client.inspect("queue").waiters] == ["second", "third"]
+    for node in redlock_nodes:  # each node queued each waiter once, in arrival order
+
+        async def node_waiters(url: str = node.url) -> list[str]:
+            single = RedisBackend(url)
+            await single.open()
+            try:
+                return [w.owner for w in (await single.inspect(NS, "queue")).waiters]
+            finally:
+                await single.aclose()
+
+        assert runtime().submit(node_waiters()).result(5) == ["second", "third"]
+    first.release()
+    for waiter in waiters:
+        waiter.join(10)
+    assert granted == ["second", "third"]
+    assert not client.inspect("queue").holders
+
+
+def test_a_paused_node_delays_a_direct_grant_by_no_more_than_the_node_timeout(
+    client: lockd.Client, redlock_nodes: list[RedisProcess]
+) -> None:
+    lock = client.lock("one-paused", ttl=1)  # node timeout: 0.2 s
+    lock.acquire()  # warm: every node has a connection, the loop is subscribed
+    lock.release()
+    redlock_nodes[0].pause()
+    try:
+        started = time.monotonic()
+        lock.acquire()
+        took = time.monotonic() - started
+        assert lock.owned()
+        lock.release()
+    finally:
+        redlock_nodes[0].resume()
+    assert took < 1.0
+    assert not client.inspect("one-paused").holders
+
+
+def test_an_interrupted_direct_acquire_is_undone_on_every_node(
+    client: lockd.Client, redlock_nodes: list[RedisProcess]
+) -> None:
+    lock = client.lock("interrupted", ttl=30, wait=0)
+    lock.acquire()  # warm: every node has a connection
+    lock.release()
+    for node in redlock_nodes:
+        node.pause()  # the next request hangs in the caller's thread
+    try:
+        with ctrl_c_after(0.1), pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+    finally:
+        for node in redlock_nodes:
+            node.resume()
+    # The nodes ran the acquire once resumed; the abandon sent after it gives it back.
+    _wait_for(lambda: not client.inspect("interrupted").holders)
+    assert not client.inspect("interrupted").holders
+    assert lock.state is lockd.LockState.RELEASED
+    assert lock.acquire(wait=0)  # and nothing is left that would refuse a new grant
+    lock.release()
