@@ -8,8 +8,6 @@ request id.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,20 +18,8 @@ import lockd
 from lockd._runtime import runtime
 from lockd.backends.base import AcquireRequest
 from lockd.backends.redis import RedisBackend, _RedisDirect
+from tests.interrupts import ctrl_c_after, io_loop_blocked
 from tests.redisproc import RedisProcess, running_redis
-
-
-@contextlib.contextmanager
-def ctrl_c_after(seconds: float) -> Iterator[None]:
-    """Send this (main) thread a real SIGINT after ``seconds``, unless the block ends first."""
-    main = threading.main_thread().ident
-    assert main is not None and threading.current_thread().ident == main
-    timer = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 @pytest.fixture
@@ -52,21 +38,12 @@ def test_sync_calls_do_not_wait_for_a_busy_io_loop(client: lockd.Client) -> None
     lock = client.lock("busy-loop", ttl=5)
     lock.acquire()  # the first grant lets the loop subscribe and start watching
     lock.release()
-    release_loop = threading.Event()
-
-    async def block_loop() -> None:
-        release_loop.wait(10)  # blocks the whole I/O thread
-
-    blocked = runtime().submit(block_loop())
-    try:
+    with io_loop_blocked():
         started = time.monotonic()
         for _ in range(20):
             lock.acquire()
             lock.release()
         took = time.monotonic() - started
-    finally:
-        release_loop.set()
-        blocked.result(5)
     assert took < 5, "sync acquire/release waited for the blocked I/O loop"
     assert not client.inspect("busy-loop").holders
 

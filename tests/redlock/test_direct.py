@@ -18,7 +18,7 @@ import lockd
 from lockd._runtime import runtime
 from lockd.backends.redis import RedisBackend
 from tests.conformance.helpers import NS
-from tests.redis.test_direct import ctrl_c_after
+from tests.interrupts import ctrl_c_after, io_loop_blocked
 from tests.redisproc import RedisProcess
 from tests.redlock import redlock_url
 
@@ -39,24 +39,15 @@ def test_uncontended_sync_calls_do_not_wait_for_a_busy_io_loop(client: lockd.Cli
     lock = client.lock("busy-loop", ttl=5)
     lock.acquire()  # the first acquire lets the loop subscribe on every node
     lock.release()
-    release_loop = threading.Event()
-
-    async def block_loop() -> None:
-        release_loop.wait(10)  # blocks the whole I/O thread
-
-    blocked = runtime().submit(block_loop())
-    try:
+    tokens: list[int] = []
+    with io_loop_blocked():
         started = time.monotonic()
-        tokens: list[int] = []
         for _ in range(20):
             lock.acquire()
             assert lock.token is not None
             tokens.append(lock.token)
             lock.release()
         took = time.monotonic() - started
-    finally:
-        release_loop.set()
-        blocked.result(5)
     assert took < 5, "sync acquire/release on redlock waited for the blocked I/O loop"
     assert tokens == sorted(set(tokens)), "every grant has a new, higher token"
     assert not client.inspect("busy-loop").holders
