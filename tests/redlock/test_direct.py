@@ -1,9 +1,9 @@
-"""RedLock's direct path: sync callers send each node's request from their own thread.
+"""RedLock's direct path: sync callers acquire and release from their own thread.
 
-These check what the path must keep: an uncontended acquire and release do not need
-the I/O loop; a queued acquire is handed to the loop as it stands (one place in each
-node's queue, granted in turn); a paused node delays a grant by no more than the node
-timeout; an interrupted acquire is undone on every node.
+These check what the path must keep: acquire and release, queued ones too, do not need
+the I/O loop; a queued acquire holds one place in each node's queue and is granted in
+turn; a paused node delays a grant by no more than the node timeout; a node left out of
+a grant forgets the request; an interrupted acquire is undone on every node.
 """
 
 from __future__ import annotations
@@ -51,6 +51,27 @@ def test_uncontended_sync_calls_do_not_wait_for_a_busy_io_loop(client: lockd.Cli
     assert took < 5, "sync acquire/release on redlock waited for the blocked I/O loop"
     assert tokens == sorted(set(tokens)), "every grant has a new, higher token"
     assert not client.inspect("busy-loop").holders
+
+
+def test_a_queued_sync_acquire_is_granted_without_the_io_loop(client: lockd.Client) -> None:
+    holder = client.lock("queued-busy-loop", ttl=5, owner="holder")
+    waiter = client.lock("queued-busy-loop", ttl=5, owner="waiter")
+    holder.acquire()
+    granted = threading.Event()
+
+    def wait_in_line() -> None:
+        waiter.acquire(wait=5)
+        granted.set()
+
+    with io_loop_blocked():
+        thread = threading.Thread(target=wait_in_line)
+        thread.start()
+        time.sleep(0.5)  # queued by then (inspect would need the loop)
+        holder.release()
+        assert granted.wait(3), "the queued acquire waited for the blocked I/O loop"
+    thread.join(5)
+    assert [h.owner for h in client.inspect("queued-busy-loop").holders] == ["waiter"]
+    waiter.release()
 
 
 def test_a_queued_direct_acquire_keeps_one_place_and_is_granted_in_turn(
@@ -134,3 +155,32 @@ def test_an_interrupted_direct_acquire_is_undone_on_every_node(
     assert lock.state is lockd.LockState.RELEASED
     assert lock.acquire(wait=0)  # and nothing is left that would refuse a new grant
     lock.release()
+
+
+def test_a_node_left_out_of_a_grant_forgets_the_request(
+    client: lockd.Client, redlock_nodes: list[RedisProcess]
+) -> None:
+    """Granted by a majority while another owner holds one node: that node must drop the
+    queued request, or it would later grant it to an owner that no longer waits (a hold
+    nobody releases, which blocks that owner's next rounds there)."""
+    other = RedisBackend(redlock_nodes[0].url)
+    runtime().submit(other.open()).result(5)
+    try:
+        held = runtime().submit(other.acquire(NS, "left-out", "x", ttl=30, wait=0)).result(5)
+        lock = client.lock("left-out", ttl=10)
+        assert lock.acquire(wait=5)
+        lock.release()
+
+        def node0_waiters() -> list[str]:
+            info = runtime().submit(other.inspect(NS, "left-out")).result(5)
+            return [w.owner for w in info.waiters]
+
+        _wait_for(lambda: not node0_waiters(), 2.0)
+        assert node0_waiters() == []
+        runtime().submit(other.release(NS, "left-out", "x", held.token)).result(5)
+        info = runtime().submit(other.inspect(NS, "left-out")).result(5)
+        assert info.holders == ()
+        assert lock.acquire(wait=0)  # nothing stale stands in the way on any node
+        lock.release()
+    finally:
+        runtime().submit(other.aclose()).result(5)

@@ -7,6 +7,7 @@ import pytest
 
 import lockd
 from lockd import BackendUnavailable, InvalidRequest
+from lockd.backends.redis import RedisBackend
 from lockd.backends.redlock import DRIFT_FACTOR, DRIFT_MIN, quorum
 from tests.conformance.helpers import NS
 from tests.redisproc import RedisProcess
@@ -70,3 +71,25 @@ def test_a_semaphore_needs_more_nodes_than_a_lock(redlock_nodes: list[RedisProce
             assert lock.owned()
         with pytest.raises(BackendUnavailable, match="3 are needed"):
             client.semaphore("two", 2, ttl=2).acquire(wait=0)
+
+
+async def test_a_stale_hold_of_the_owner_on_one_node_does_not_stop_its_acquires(
+    redlock_nodes: list[RedisProcess],
+) -> None:
+    """A hold the owner no longer has, left on a minority of nodes (its undo failed), is
+    re-entered by each new request there; counting it as a re-entry would make every
+    round fail. It is left out instead, and the majority's fresh grant stands."""
+    stale = RedisBackend(redlock_nodes[0].url)
+    await stale.open()
+    backend = lockd.connect(redlock_url(redlock_nodes))
+    await backend.open()
+    try:
+        left = await stale.acquire(NS, "stale", "o", ttl=30, wait=0)
+        grant = await backend.acquire(NS, "stale", "o", ttl=10, wait=2)
+        assert grant.count == 1  # a fresh grant, not a re-entry of the stale hold
+        await backend.release(NS, "stale", "o", grant.token)
+        (holder,) = (await stale.inspect(NS, "stale")).holders
+        assert (holder.token, holder.count) == (left.token, 1)  # this round's entry undone
+    finally:
+        await backend.aclose()
+        await stale.aclose()
