@@ -84,10 +84,15 @@ async def test_a_stale_hold_of_the_owner_on_one_node_does_not_stop_its_acquires(
     backend = lockd.connect(redlock_url(redlock_nodes))
     await backend.open()
     try:
+        for _ in range(2):  # the stale hold's token differs from the fresh nodes' ones
+            passed = await stale.acquire(NS, "stale", "p", ttl=30, wait=0)
+            await stale.release(NS, "stale", "p", passed.token)
         left = await stale.acquire(NS, "stale", "o", ttl=30, wait=0)
         grant = await backend.acquire(NS, "stale", "o", ttl=10, wait=2)
         assert grant.count == 1  # a fresh grant, not a re-entry of the stale hold
+        assert grant.token != left.token
         await backend.release(NS, "stale", "o", grant.token)
+        await backend.aclose()  # waits for the undo work in the background
         (holder,) = (await stale.inspect(NS, "stale")).holders
         assert (holder.token, holder.count) == (left.token, 1)  # this round's entry undone
     finally:
