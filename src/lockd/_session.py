@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from lockd._runtime import Call, Runtime, quietly
 from lockd.backends import Backend
-from lockd.backends.base import AcquireRequest
+from lockd.backends.base import AcquireRequest, ContinueOnLoop
 from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked, StoreRefused
 from lockd.model import Grant, LockState
 
@@ -240,7 +240,7 @@ class Session:
         try:
             grant = direct.acquire(AcquireRequest(self.namespace, name, owner, want.ttl,
                                                   want.wait, want.limit, rid))  # fmt: skip
-        except BackendUnavailable as exc:
+        except (BackendUnavailable, ContinueOnLoop) as exc:
             if isinstance(exc, StoreRefused):
                 raise
 
@@ -252,7 +252,7 @@ class Session:
                 return Call(self._rt, retry, give_back=give_back).result()
             except Exception:
                 raise
-            except BaseException:  # interrupted, maybe before the loop took the retry up
+            except BaseException:  # interrupted, maybe before the loop took the request up
                 self._abandon_soon(name, owner, rid)
                 raise
         except BaseException:  # interrupted: the store may have applied it, so undo it

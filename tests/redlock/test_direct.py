@@ -1,9 +1,10 @@
-"""RedLock's direct path: sync callers acquire and release from their own thread.
+"""RedLock's direct path: sync callers send each node's request from their own thread.
 
-These check what the path must keep: acquire and release, queued ones too, do not need
-the I/O loop; a queued acquire holds one place in each node's queue and is granted in
-turn; a paused node delays a grant by no more than the node timeout; a node left out of
-a grant forgets the request; an interrupted acquire is undone on every node.
+These check what the path must keep: an uncontended acquire and release do not need
+the I/O loop; a queued acquire is handed to the loop as it stands (one place in each
+node's queue, granted in turn); a paused node delays a grant by no more than the node
+timeout; a node left out of a grant forgets the request; an interrupted acquire is undone
+on every node.
 """
 
 from __future__ import annotations
@@ -51,27 +52,6 @@ def test_uncontended_sync_calls_do_not_wait_for_a_busy_io_loop(client: lockd.Cli
     assert took < 5, "sync acquire/release on redlock waited for the blocked I/O loop"
     assert tokens == sorted(set(tokens)), "every grant has a new, higher token"
     assert not client.inspect("busy-loop").holders
-
-
-def test_a_queued_sync_acquire_is_granted_without_the_io_loop(client: lockd.Client) -> None:
-    holder = client.lock("queued-busy-loop", ttl=5, owner="holder")
-    waiter = client.lock("queued-busy-loop", ttl=5, owner="waiter")
-    holder.acquire()
-    granted = threading.Event()
-
-    def wait_in_line() -> None:
-        waiter.acquire(wait=5)
-        granted.set()
-
-    with io_loop_blocked():
-        thread = threading.Thread(target=wait_in_line)
-        thread.start()
-        time.sleep(0.5)  # queued by then (inspect would need the loop)
-        holder.release()
-        assert granted.wait(3), "the queued acquire waited for the blocked I/O loop"
-    thread.join(5)
-    assert [h.owner for h in client.inspect("queued-busy-loop").holders] == ["waiter"]
-    waiter.release()
 
 
 def test_a_queued_direct_acquire_keeps_one_place_and_is_granted_in_turn(

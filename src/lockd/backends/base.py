@@ -31,7 +31,14 @@ from lockd.model import (
     check_wait,
 )
 
-__all__ = ["AcquireRequest", "Backend", "DirectPath", "require_safety", "undo_on_cancel"]
+__all__ = [
+    "AcquireRequest",
+    "Backend",
+    "ContinueOnLoop",
+    "DirectPath",
+    "require_safety",
+    "undo_on_cancel",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,16 @@ class AcquireRequest:
     request_id: str | None
 
 
+class ContinueOnLoop(Exception):
+    """Raised by a direct acquire whose request must go on through the I/O loop.
+
+    Not a failure: the request has begun (it may be queued in the store), and what it
+    waits for next arrives on the loop. The SDK calls ``Backend.acquire`` at once with
+    the same request id, and the backend takes the request up where the direct path
+    left it.
+    """
+
+
 class DirectPath(abc.ABC):
     """Blocking acquire and release made in the caller's own thread, for sync clients.
 
@@ -55,7 +72,9 @@ class DirectPath(abc.ABC):
     caller's thread costs less than a hand-off to the I/O loop and back. Its input comes
     from the SDK, already validated. When a call fails in a way that leaves unknown
     whether the store applied it, it raises BackendUnavailable and the SDK makes the
-    call again through the backend's coroutines with the same request id.
+    call again through the backend's coroutines with the same request id. An acquire
+    that must wait for something only the I/O loop hears raises ContinueOnLoop, and the
+    SDK goes on the same way.
     """
 
     @abc.abstractmethod

@@ -44,8 +44,6 @@ import itertools
 import logging
 import math
 import os
-import select
-import threading
 import time
 import uuid
 import weakref
@@ -461,9 +459,6 @@ class _RedisDirect(DirectPath):
         self._no_script = NoScriptError  # bound once: the calls below are the hot path
         self._pack = pack_command  # hiredis's, without the driver's checks around it
         self._closed = False
-        self._failing = False  # the last call failed on the store's side
-        self._unread: list[tuple[float, Any]] = []  # (closed at, connection); see leave_unread
-        self._unread_guard = threading.Lock()
         _directs.add(self)
 
     def acquire(self, req: AcquireRequest) -> Grant:
@@ -475,7 +470,7 @@ class _RedisDirect(DirectPath):
         end = None if req.wait is None else time.monotonic() + req.wait
         reply = self._acquire_step(req, rid, attempt, "new")
         if reply[0] == "queued":
-            wake_list = _wake_list(req.namespace, req.name, attempt)
+            wake_list = _keys(req.namespace, req.name)[REQ_KEY] + "\twake\t" + attempt
         while reply[0] == "queued":
             pause = _pause(reply, end)
             popped = None
@@ -510,19 +505,10 @@ class _RedisDirect(DirectPath):
         """Send one command on an idle connection and read its reply."""
         return self.receive(self.send(command))
 
-    def readiness(self) -> int:
-        """How soon a call could be sent: 0, a connection is idle; 1, a new one is needed;
-        2, a new one is needed and the last call failed (it may take its whole timeout)."""
-        if self._idle:
-            return 0
-        return 2 if self._failing else 1
-
     def send(self, command: tuple[Any, ...], timeout: float | None = None) -> Any:
         """Send ``command`` on an idle connection; returns the connection, for
         :meth:`receive`. ``timeout``: a new connection's bound on each step of its
         set-up (connect, handshake) and on each later socket operation without its own."""
-        if not self._idle and self._unread:
-            self._reap()
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -545,41 +531,8 @@ class _RedisDirect(DirectPath):
             raise
         except BaseException as exc:
             self._raise_dropped(conn, exc)
-        self._failing = False
         self._put_back(conn)
         return reply
-
-    @staticmethod
-    def readable(conns: dict[int, Any], timeout: float) -> list[int]:
-        """The keys of ``conns`` (connections with one command sent each) whose reply has
-        come, waiting up to ``timeout`` s for the first."""
-        sockets = {conn._sock: key for key, conn in conns.items()}  # redis-py's own socket
-        ready, _, _ = select.select(list(sockets), [], [], timeout)
-        return [sockets[sock] for sock in ready]
-
-    def leave_unread(self, conn: Any, within: float) -> None:
-        """Keep ``conn``, whose reply nobody waits for: it is read and the connection
-        reused once it has come, or the connection is closed after ``within`` s."""
-        with self._unread_guard:
-            self._unread.append((time.monotonic() + within, conn))
-
-    def _reap(self) -> None:
-        """Reuse the unread connections whose reply has come; close those out of time."""
-        with self._unread_guard:
-            unread, self._unread = self._unread, []
-        sockets = [conn._sock for _, conn in unread]  # redis-py's own socket
-        ready = set(select.select(sockets, [], [], 0)[0])
-        now, keep = time.monotonic(), []
-        for (until, conn), sock in zip(unread, sockets, strict=True):
-            if sock in ready:
-                with contextlib.suppress(Exception):  # a failed one is closed by receive
-                    self.receive(conn, 0.001)
-            elif now >= until:
-                self.drop(conn)
-            else:
-                keep.append((until, conn))
-        with self._unread_guard:
-            self._unread.extend(keep)
 
     def drop(self, conn: Any) -> None:
         """Close a connection whose reply will not be read."""
@@ -592,7 +545,6 @@ class _RedisDirect(DirectPath):
         error = _store_error(self._url, exc) if isinstance(exc, Exception) else None
         if error is None:
             raise exc
-        self._failing = True
         raise error from exc
 
     def _put_back(self, conn: Any) -> None:
@@ -604,10 +556,6 @@ class _RedisDirect(DirectPath):
     def close(self) -> None:
         """Close the idle connections; those in use are closed when their call ends."""
         self._closed = True
-        with self._unread_guard:
-            unread, self._unread = self._unread, []
-        for _, conn in unread:
-            self.drop(conn)
         while self._idle:
             with contextlib.suppress(Exception):
                 self._idle.pop().disconnect()
@@ -616,8 +564,6 @@ class _RedisDirect(DirectPath):
         """Drop the connections without closing them (in a forked child: they are the
         parent's)."""
         self._idle = []
-        self._unread = []
-        self._unread_guard = threading.Lock()
 
 
 class _Connections:
@@ -793,11 +739,6 @@ def _keys(namespace: str, name: str) -> tuple[str, ...]:
     """The keys of one name, all with one hash tag."""
     base = f"lockd:{{{namespace}:{name}}}"
     return tuple(f"{base}:{suffix}" for suffix in redis_lua.KEY_SUFFIXES)
-
-
-def _wake_list(namespace: str, name: str, attempt: str) -> str:
-    """The list that a ``LIST_WAKE`` attempt's grant is pushed to (as the scripts name it)."""
-    return _keys(namespace, name)[REQ_KEY] + "\twake\t" + attempt
 
 
 def _holder(row: list[Any]) -> HolderInfo:

@@ -17,11 +17,8 @@ checks the owner and request id) and retried after a random delay while the call
 ``wait`` lasts. Extending needs a quorum too, with the same validity rule.
 
 Waiting is FIFO on each node: a blocked request queues on every node, wakes by each
-node's grant (a pub/sub message on the I/O loop; for a sync caller, a BLPOP on the node's
-wake list in the caller's own thread), and checks in with the same bounded re-check as
-``redis://``. One body of logic decides each round (``_round_steps``, a generator of the
-I/O it needs), carried out by the I/O loop (``_drive``) or by a sync caller's thread
-(``_RedlockDirect``).
+node's pub/sub message (which carries that node's grant), and checks in with the same
+bounded re-check as ``redis://``.
 Requests sent at nearly the same moment can reach two nodes in different orders; then the
 nodes may grant different waiters so that nobody holds a quorum. A waiter that holds some
 nodes while no other owner holds a quorum looks again after a short random pause, and if
@@ -51,21 +48,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from lockd.backends import redact_url, redis_lua
 from lockd.backends import redis as redis_backend
-from lockd.backends.base import AcquireRequest, Backend, DirectPath, undo_on_cancel
-from lockd.backends.redis import LIST_WAKE, RedisBackend, _holder, _not_held, _RedisDirect
+from lockd.backends.base import (
+    AcquireRequest,
+    Backend,
+    ContinueOnLoop,
+    DirectPath,
+    undo_on_cancel,
+)
+from lockd.backends.redis import RedisBackend, _holder, _not_held, _RedisDirect
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -147,51 +149,13 @@ class _Round:
         return f"{self.base}~{self.index}"
 
 
-# A round's steps are a generator of the I/O they need, so that one body of logic runs
-# both on the I/O loop and in a sync caller's thread (each with a driver of its own).
+@dataclass
+class _Begun:
+    """A round whose first step a sync caller's thread sent (``_RedlockDirect``), for
+    the I/O loop to go on with."""
 
-
-@dataclass(frozen=True, slots=True)
-class _Send:
-    """Run ``script`` on the nodes of ``args`` (node -> its arguments after the name) in
-    parallel, each within ``within`` s. The driver answers {node: reply or _DOWN}."""
-
-    script: str
-    namespace: str
-    name: str
-    args: Mapping[int, tuple[str | int, ...]]
-    within: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Sleep:
-    """Pause ``seconds``. The driver answers None."""
-
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Wait:
-    """Wait up to ``seconds`` for grants of ``attempt`` from ``nodes``: until the first,
-    or with ``every`` until one from each. The driver leaves each grant in its node's
-    ``_delivered`` and answers None."""
-
-    seconds: float
-    attempt: str
-    nodes: tuple[int, ...]
-    every: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Later:
-    """Carry out ``send`` once the steps are over, without waiting for its outcome (undo
-    work that must not delay a grant)."""
-
-    send: _Send
-
-
-_Step = _Send | _Sleep | _Wait | _Later
-_Steps = Generator[_Step, Any, T]
+    round: _Round
+    woken: asyncio.Event
 
 
 class RedlockBackend(Backend):
@@ -212,14 +176,13 @@ class RedlockBackend(Backend):
         self._majority = len(self._nodes) // 2 + 1
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # request id -> its last round
         self._abandoned: OrderedDict[str, None] = OrderedDict()
+        self._begun: OrderedDict[str, _Begun] = OrderedDict()  # request id -> its round
         self._background: set[asyncio.Future[Any]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None  # the I/O loop, once open
 
     # --- connection -------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect to every node; a majority must answer."""
-        self._loop = asyncio.get_running_loop()
         replies = await self._fan(lambda i: self._nodes[i].open(), 5.0)
         self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "open")
         directs = [n.direct for n in self._nodes if isinstance(n.direct, _RedisDirect)]
@@ -278,129 +241,145 @@ class RedlockBackend(Backend):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _later_from_thread(self, send: _Send) -> None:
-        """Carry out ``send`` in the background on the I/O loop (called from any thread)."""
-        assert self._loop is not None  # a direct path exists only once open
-        self._loop.call_soon_threadsafe(lambda: self._later(self._perform(send, None)))
-
     # --- acquire ----------------------------------------------------------------------
 
     async def _acquire(self, req: AcquireRequest) -> Grant:
         base = req.request_id or uuid.uuid4().hex
+        if base in self._abandoned:
+            raise AcquireTimeout(f"{req.name!r} was not granted: this request was abandoned",
+                                 name=req.name, owner=req.owner)  # fmt: skip
         current: list[_Round] = []
         return await undo_on_cancel(
-            self._acquire_on_loop(req, base, current),
+            self._rounds_until_granted(req, base, current, self._begun.pop(base, None)),
             lambda: self._give_up(req, current[-1]) if current else None,
             self._background,
         )
 
-    async def _acquire_on_loop(
-        self, req: AcquireRequest, base: str, current: list[_Round]
+    async def _rounds_until_granted(
+        self, req: AcquireRequest, base: str, current: list[_Round], begun: _Begun | None
     ) -> Grant:
-        woken = asyncio.Event()
-        if req.wait != 0:  # subscribe first, then ask: no wake-up is missed
-            timeout = node_timeout(req.ttl)
+        """Rounds until one is granted; the first is ``begun``'s, if a sync caller's
+        thread began it."""
+        name, owner, ttl, wait = req.name, req.owner, req.ttl, req.wait
+        started = time.monotonic() if begun is None else begun.round.started
+        end = None if wait is None else time.monotonic() + wait
+        woken = asyncio.Event() if begun is None else begun.woken
+        timeout = node_timeout(ttl)
+        if wait != 0 and begun is None:  # subscribe first, then ask: no wake-up is missed
             await self._fan(lambda i: self._nodes[i]._listen(timeout), timeout)
-        return await self._drive(self._acquire_steps(req, base, current, woken), woken)
-
-    def _acquire_steps(
-        self, req: AcquireRequest, base: str, current: list[_Round], woken: asyncio.Event | None
-    ) -> _Steps[Grant]:
-        """Rounds until one is granted (or the wait ends). ``woken``: the event that grant
-        messages set, on the I/O loop; None: the driver pops them from wake lists."""
-        name, owner, wait = req.name, req.owner, req.wait
-        if base in self._abandoned:
-            raise AcquireTimeout(f"{name!r} was not granted: this request was abandoned",
-                                 name=name, owner=owner)  # fmt: skip
-        started = time.monotonic()
-        end = None if wait is None else started + wait
         while True:
-            rnd = self._next_round(base, list_wake=woken is None)
+            rnd = self._next_round(base) if begun is None else begun.round
             current.append(rnd)
-            if woken is not None:
-                for node in self._nodes:
-                    node._wake[rnd.attempt] = woken
+            for node in self._nodes:
+                node._wake[rnd.attempt] = woken
             try:
-                grant = yield from self._round_steps(req, rnd, end)
+                grant = await self._round(req, rnd, end, woken, stepped=begun is not None)
             finally:
+                begun = None
                 for node in self._nodes:
                     node._forget_attempt(rnd.attempt)
             if grant is not None:
-                return dataclasses.replace(grant, waited=time.monotonic() - started)
+                return Grant(name=name, owner=owner, token=grant.token, count=grant.count,
+                             ttl=grant.ttl, waited=time.monotonic() - started)  # fmt: skip
             pause = random.uniform(*RETRY_DELAY)
             if end is not None and time.monotonic() + pause >= end:
                 raise AcquireTimeout(f"{name!r} was not granted in time", name=name,
                                      owner=owner)  # fmt: skip
-            yield _Sleep(pause)
+            await asyncio.sleep(pause)
 
-    def _round_steps(
-        self, req: AcquireRequest, rnd: _Round, end: float | None
-    ) -> _Steps[Grant | None]:
-        """One attempt: a Grant, or None (undone on every node) to try again."""
+    async def _round(
+        self,
+        req: AcquireRequest,
+        rnd: _Round,
+        end: float | None,
+        woken: asyncio.Event,
+        stepped: bool = False,
+    ) -> Grant | None:
+        """One attempt: a Grant, or None (undone on every node) to try again.
+        ``stepped``: the first step was sent and its replies noted already."""
         namespace, name, owner, ttl, wait, limit = (
             req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit
         )  # fmt: skip
         need = quorum(len(self._nodes), limit)
 
-        def step(nodes: Iterable[int], mode: str) -> _Steps[None]:
-            args = _acquire_args(req, rnd, mode)
+        async def give_up() -> None:
+            await self._give_up(req, rnd)
+
+        async def step(nodes: Iterable[int], mode: str) -> None:
             sent = time.monotonic()
-            replies = yield _Send("ACQUIRE", namespace, name, dict.fromkeys(nodes, args),
-                                  node_timeout(ttl))  # fmt: skip
+            args = _acquire_args(req, rnd, mode)
+            replies = await self._fan(
+                lambda i: self._nodes[i]._run("ACQUIRE", namespace, name, *args),
+                node_timeout(ttl),
+                nodes,
+            )
             self._note_step(rnd, replies, sent)
 
-        def give_up() -> _Send:
-            rnd.undone = True
-            return self._undo_send(req, rnd.rid)
-
-        rnd.started = time.monotonic()
-        yield from step(range(len(self._nodes)), "try" if wait == 0 else "new")
+        if not stepped:
+            rnd.started = time.monotonic()
+            await step(range(len(self._nodes)), _first_mode(wait))
         looked_again = False
         while True:
             if len(rnd.grants) >= need:
-                grant = yield from self._confirm_steps(req, need, rnd)
+                grant = await self._confirm(namespace, name, owner, ttl, need, rnd)
                 if grant is None:
-                    yield give_up()
+                    await give_up()
                 return grant
             if rnd.trouble or wait == 0 or len(self._nodes) - len(rnd.unreachable) < need:
                 if "replaced" not in rnd.trouble.values():  # else the retry owns the request
-                    yield give_up()
+                    await give_up()
                 self._raise_for(rnd, name, owner, limit, need)
                 return None  # our grant on a node ended or was replaced: start over
             if self._split(rnd, owner, need, limit):
                 if looked_again:
-                    yield give_up()
+                    await give_up()
                     return None
                 looked_again = True
-                yield _Sleep(random.uniform(*SPLIT_RECHECK))
-                yield from step(self._pending(rnd), "wait")
+                await asyncio.sleep(random.uniform(*SPLIT_RECHECK))
+                await step(self._pending(rnd), "wait")
                 continue
             looked_again = False
-            yield self._wait_for_grants(rnd, _pause(rnd, ttl, end))
+            await self._pause(rnd, ttl, end, woken)
             if self._take_delivered(rnd) and len(rnd.grants) < need:
-                # The other nodes' grants of the same release are likely on their way:
-                # waiting a moment for all of them beats asking those nodes again, and
-                # spares undoing a grant that came a moment late.
-                yield self._wait_for_grants(rnd, DELIVERY_GRACE, every=True)
+                # The other nodes' messages of the same release are likely on their way:
+                # waiting a moment for them beats asking those nodes again.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DELIVERY_GRACE):
+                        await woken.wait()
+                woken.clear()
                 self._take_delivered(rnd)
             if len(rnd.grants) >= need:
                 continue
             if end is not None and time.monotonic() >= end:
-                yield from step(self._pending(rnd), "leave")  # a grant made meanwhile counts
+                await step(self._pending(rnd), "leave")  # a grant made meanwhile still counts
                 if len(rnd.grants) >= need:
                     continue
-                yield give_up()
+                await give_up()
                 raise AcquireTimeout(
                     f"{name!r} was not granted in time; held by {self._holders_text(rnd)}",
                     name=name,
                     owner=owner,
                 )
-            yield from self._keep_partial_steps(req, rnd)
-            yield from step(self._pending(rnd), "wait")
+            await self._keep_partial(namespace, name, owner, ttl, rnd)
+            await step(self._pending(rnd), "wait")
 
-    def _wait_for_grants(self, rnd: _Round, seconds: float, every: bool = False) -> _Wait:
-        nodes = tuple(i for i in self._pending(rnd) if i not in rnd.unreachable)
-        return _Wait(seconds, rnd.attempt, nodes, every)
+    @staticmethod
+    async def _pause(rnd: _Round, ttl: float, end: float | None, woken: asyncio.Event) -> None:
+        """Wait for a wake-up, the bounded re-check, the earliest holder expiry, the end of
+        the wait, or the moment the nodes we already hold need extending."""
+        now = time.monotonic()
+        pause = redis_backend.CHECK_IN
+        if rnd.next_expiry is not None:
+            pause = min(pause, rnd.next_expiry - now + 0.002)
+        if rnd.grants:
+            pause = min(pause, min(g.ends for g in rnd.grants.values()) - ttl / 2 - now)
+        if end is not None:
+            pause = min(pause, end - now)
+        if pause > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await woken.wait()
+        woken.clear()
 
     def _note_step(self, rnd: _Round, replies: dict[int, list[Any] | _Down], sent: float) -> None:
         """Record the nodes' replies to an acquire step sent at ``sent``."""
@@ -490,16 +469,23 @@ class RedlockBackend(Backend):
             raise AcquireTimeout(f"{name!r} is held by {rnd.denied or self._holders_text(rnd)}",
                                  name=name, owner=owner)  # fmt: skip
 
-    def _keep_partial_steps(self, req: AcquireRequest, rnd: _Round) -> _Steps[None]:
+    async def _keep_partial(
+        self, namespace: str, name: str, owner: str, ttl: float, rnd: _Round
+    ) -> None:
         """Extend the nodes already granted to a waiter whose ttl is half gone."""
         now = time.monotonic()
-        due = [i for i, g in rnd.grants.items() if g.ends - now < req.ttl / 2]
+        due = [i for i, g in rnd.grants.items() if g.ends - now < ttl / 2]
         if not due:
             return
-        ttl_ms = max(1, round(req.ttl * 1000))
-        args = {i: (req.owner, rnd.grants[i].token, ttl_ms) for i in due}
+        ttl_ms = max(1, round(ttl * 1000))
         sent = time.monotonic()
-        replies = yield _Send("EXTEND", req.namespace, req.name, args, node_timeout(req.ttl))
+        replies = await self._fan(
+            lambda i: self._nodes[i]._run(
+                "EXTEND", namespace, name, owner, rnd.grants[i].token, ttl_ms
+            ),
+            node_timeout(ttl),
+            due,
+        )
         for i, reply in replies.items():
             if isinstance(reply, list) and reply[0] == "granted":
                 rnd.grants[i].ends = sent + int(reply[3]) / 1000
@@ -507,20 +493,25 @@ class RedlockBackend(Backend):
                 del rnd.grants[i]
                 rnd.trouble[i] = str(reply[0])
 
-    def _confirm_steps(self, req: AcquireRequest, need: int, rnd: _Round) -> _Steps[Grant | None]:
+    async def _confirm(
+        self, namespace: str, name: str, owner: str, ttl: float, need: int, rnd: _Round
+    ) -> Grant | None:
         """Agree on one token across the granting nodes and check validity (or None)."""
-        namespace, name, owner, ttl = req.namespace, req.name, req.owner, req.ttl
         token, reentry = _agreed_token(rnd, need)
         if not reentry:
             lower = [i for i, g in rnd.grants.items() if g.count == 1 and g.token < token]
             if lower:
-                args = {i: (owner, rnd.grants[i].token, token, rnd.rid) for i in lower}
-                replies = yield _Send("RAISE", namespace, name, args, node_timeout(ttl))
+                replies = await self._fan(
+                    lambda i: self._nodes[i]._run(
+                        "RAISE", namespace, name, owner, rnd.grants[i].token, token, rnd.rid
+                    ),
+                    node_timeout(ttl),
+                    lower,
+                )
                 for i, reply in replies.items():
                     if isinstance(reply, list) and reply[0] == "ok":
                         rnd.grants[i].token = token
-        ours = {i: g for i, g in rnd.grants.items()
-                if g.token == token and (reentry or g.count == 1)}  # fmt: skip
+        ours = {i: g for i, g in rnd.grants.items() if _agrees(g, token, reentry)}
         if len(ours) < need:
             return None
         validity = _validity([g.ends for g in ours.values()], need, ttl)
@@ -528,15 +519,15 @@ class RedlockBackend(Backend):
             return None
         others = [i for i in range(len(self._nodes)) if i not in ours]
         if others:  # leave their queues, give back odd grants
-            yield _Later(self._undo_send(req, rnd.rid, others))
+            self._later(self._undo(namespace, name, owner, rnd.rid, ttl, others))
         count = max(g.count for g in ours.values())
         return Grant(name=name, owner=owner, token=token, count=count, ttl=validity)
 
-    def _next_round(self, base: str, list_wake: bool) -> _Round:
+    def _next_round(self, base: str) -> _Round:
         """The round to send for request id ``base``: a retry repeats the last round unless
-        that one was given up. ``list_wake``: its grants are pushed to wake lists."""
+        that one was given up."""
         last = self._rounds.get(base)
-        attempt = (LIST_WAKE if list_wake else "") + self._nodes[0].new_attempt()
+        attempt = self._nodes[0].new_attempt()
         if last is None:
             rnd = _Round(base, 0, attempt)
         elif last.undone:
@@ -549,61 +540,33 @@ class RedlockBackend(Backend):
     async def _give_up(self, req: AcquireRequest, rnd: _Round) -> None:
         """Undo a whole round on every node; the next try gets a new round."""
         rnd.undone = True
-        await self._perform(self._undo_send(req, rnd.rid), None)
+        await self._undo(req.namespace, req.name, req.owner, rnd.rid, req.ttl)
 
-    def _undo_send(
-        self, req: AcquireRequest, rid: str, nodes: Iterable[int] | None = None
-    ) -> _Send:
-        """Undo request ``rid`` on the nodes (all by default): leave the queue, give back a
-        grant."""
-        chosen = range(len(self._nodes)) if nodes is None else nodes
-        return _Send("ABANDON", req.namespace, req.name, dict.fromkeys(chosen, (req.owner, rid)),
-                     node_timeout(req.ttl))  # fmt: skip
+    def _listening(self) -> bool:
+        """Every node's pub/sub subscription is confirmed (read from any thread)."""
+        return all(
+            n._listening is not None
+            and n._listening.done()
+            and n._reader is not None
+            and not n._reader.done()
+            for n in self._nodes
+        )
 
-    # --- carrying out steps on the I/O loop ------------------------------------------
-
-    async def _drive(self, steps: _Steps[T], woken: asyncio.Event) -> T:
-        """Carry out ``steps`` on the I/O loop and return what they come to."""
-        try:
-            answer: Any = None
-            while True:
-                try:
-                    step = steps.send(answer)
-                except StopIteration as done:
-                    return cast(T, done.value)
-                answer = await self._perform(step, woken)
-        finally:
-            steps.close()
-
-    async def _perform(self, step: _Step, woken: asyncio.Event | None) -> Any:
-        if isinstance(step, _Send):
-            return await self._fan(
-                lambda i: self._nodes[i]._run(
-                    step.script, step.namespace, step.name, *step.args[i]
-                ),
-                step.within,
-                step.args,
-            )
-        if isinstance(step, _Wait):
-            assert woken is not None
-            await self._wait(step, woken)
-        elif isinstance(step, _Sleep):
-            await asyncio.sleep(step.seconds)
-        else:
-            self._later(self._perform(step.send, None))
-        return None
-
-    async def _wait(self, step: _Wait, woken: asyncio.Event) -> None:
-        """Wait for grant messages as ``step`` says; they arrive through pub/sub."""
-        deadline = time.monotonic() + step.seconds
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await woken.wait()
-            woken.clear()
-            if not step.every or all(step.attempt in self._nodes[i]._delivered for i in step.nodes):
-                break
-        woken.clear()
+    async def _undo(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        rid: str,
+        ttl: float,
+        nodes: Iterable[int] | None = None,
+    ) -> None:
+        """Undo request ``rid`` on the nodes: leave the queue, give back a grant."""
+        await self._fan(
+            lambda i: self._nodes[i]._run("ABANDON", namespace, name, owner, rid),
+            node_timeout(ttl),
+            nodes,
+        )
 
     @staticmethod
     def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
@@ -616,6 +579,10 @@ class RedlockBackend(Backend):
 
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
         self._remember(self._abandoned, request_id, None)
+        begun = self._begun.pop(request_id, None)
+        if begun is not None:  # begun in a caller's thread, never taken up by the loop
+            for node in self._nodes:
+                node._forget_attempt(begun.round.attempt)
         last = self._rounds.get(request_id)
         rounds = 0 if last is None else last.index + 1
         rids = [f"{request_id}~{n}" for n in range(rounds + 1)]
@@ -764,6 +731,11 @@ class RedlockBackend(Backend):
         return sorted(evicted.values(), key=lambda h: h.token)
 
 
+def _first_mode(wait: float | None) -> str:
+    """The ACQUIRE mode of a round's first step."""
+    return "try" if wait == 0 else "new"
+
+
 def _acquire_args(req: AcquireRequest, rnd: _Round, mode: str) -> tuple[str | int, ...]:
     """ACQUIRE's arguments after the name, for one step of round ``rnd``."""
     ttl_ms = max(1, round(req.ttl * 1000))
@@ -774,7 +746,7 @@ def _agreed_token(rnd: _Round, need: int) -> tuple[int, bool]:
     """The token a round's grants settle on, and whether it is a re-entry: the owner's
     own token when ``need`` nodes re-entered one hold, else the highest token of a fresh
     grant. A hold re-entered on fewer nodes is not one the owner has (its undo failed):
-    it is left out, and undone like any odd grant, rather than blocking every round."""
+    it is left out, and undone like any odd grant, rather than failing every round."""
     reentered = Counter(g.token for g in rnd.grants.values() if g.count > 1)
     if reentered:
         token, nodes = reentered.most_common(1)[0]
@@ -784,32 +756,22 @@ def _agreed_token(rnd: _Round, need: int) -> tuple[int, bool]:
     return max(fresh or [g.token for g in rnd.grants.values()]), False
 
 
-def _pause(rnd: _Round, ttl: float, end: float | None) -> float:
-    """Seconds to wait for a grant before looking again: the bounded re-check, the
-    earliest holder expiry, the end of the wait, or the moment the nodes we already hold
-    need extending, whichever comes first."""
-    now = time.monotonic()
-    pause = redis_backend.CHECK_IN
-    if rnd.next_expiry is not None:
-        pause = min(pause, rnd.next_expiry - now + 0.002)
-    if rnd.grants:
-        pause = min(pause, min(g.ends for g in rnd.grants.values()) - ttl / 2 - now)
-    if end is not None:
-        pause = min(pause, end - now)
-    return pause
+def _agrees(grant: _NodeGrant, token: int, reentry: bool) -> bool:
+    """A node's grant is part of the round's settled hold."""
+    return grant.token == token and (reentry or grant.count == 1)
 
 
 class _RedlockDirect(DirectPath):
     """Acquire and release from a sync caller's thread, on each node's blocking
-    connections (``_RedisDirect``), carrying out the same steps as the I/O loop.
+    connections (``_RedisDirect``).
 
     A request goes to every node before any reply is read, so the nodes work in
-    parallel, and every read is bounded by one deadline (:func:`node_timeout`). A round's
-    attempt id starts with ``LIST_WAKE``, so each node pushes its grant to a wake list,
-    which this thread pops with a BLPOP on each node it waits for (:class:`_Pops`). Undo
-    work after a grant (``_Later``) goes to the I/O loop, which carries it out in the
-    background as for its own grants: the grant does not wait for it, and a slow node
-    delays nobody.
+    parallel, and every read is bounded by one deadline (:func:`node_timeout`). An
+    acquire that one step settles cleanly (every node granted it with the same token,
+    and it is still valid) ends here. Any other (queued, split, a node down or with
+    another token) is handed to the I/O loop as it stands (ContinueOnLoop), which goes
+    on exactly as with a round it sent itself; so is any acquire while a node's pub/sub
+    subscription is not confirmed, before anything is sent.
     """
 
     def __init__(self, backend: RedlockBackend, nodes: list[_RedisDirect]) -> None:
@@ -819,65 +781,66 @@ class _RedlockDirect(DirectPath):
     def acquire(self, req: AcquireRequest) -> Grant:
         backend = self._backend
         base = req.request_id or uuid.uuid4().hex
-        steps = backend._acquire_steps(req, base, [], None)
-        pops = _Pops(self._nodes, req.namespace, req.name, node_timeout(req.ttl))
-        later: list[_Send] = []
-        try:
-            answer: Any = None
-            while True:
-                try:
-                    step = steps.send(answer)
-                except StopIteration as done:
-                    return cast(Grant, done.value)
-                if isinstance(step, _Send):
-                    answer = self._fan(step)
-                    continue
-                if isinstance(step, _Wait):
-                    pops.wait(step, [n._delivered for n in backend._nodes])
-                elif isinstance(step, _Sleep):
-                    time.sleep(step.seconds)
-                else:
-                    later.append(step.send)
-                answer = None
-        finally:
-            steps.close()
-            for send in later:
-                backend._later_from_thread(send)
-            pops.close()
+        if req.wait != 0 and not backend._listening():
+            raise ContinueOnLoop()  # the loop subscribes first: no wake-up is missed
+        rnd = backend._next_round(base)
+        woken = asyncio.Event()  # set from the loop; awaited there if the loop goes on
+        for node in backend._nodes:
+            node._wake[rnd.attempt] = woken
+        rnd.started = time.monotonic()
+        replies = self._fan("ACQUIRE", req.namespace, req.name,
+                            _acquire_args(req, rnd, _first_mode(req.wait)),
+                            node_timeout(req.ttl))  # fmt: skip
+        backend._note_step(rnd, replies, rnd.started)
+        grant = self._clean_grant(req, rnd)
+        if grant is not None:
+            for node in backend._nodes:
+                node._forget_attempt(rnd.attempt)
+            return grant
+        backend._remember(backend._begun, base, _Begun(rnd, woken))
+        raise ContinueOnLoop()
+
+    def _clean_grant(self, req: AcquireRequest, rnd: _Round) -> Grant | None:
+        """The grant when every node granted with one token and it is valid, else None."""
+        if len(rnd.grants) < len(self._nodes):
+            return None
+        need = quorum(len(self._nodes), req.limit)
+        token, reentry = _agreed_token(rnd, need)
+        if not all(_agrees(g, token, reentry) for g in rnd.grants.values()):
+            return None
+        validity = _validity([g.ends for g in rnd.grants.values()], need, req.ttl)
+        if validity <= 0:
+            return None
+        return Grant(name=req.name, owner=req.owner, token=token,
+                     count=max(g.count for g in rnd.grants.values()), ttl=validity,
+                     waited=time.monotonic() - rnd.started)  # fmt: skip
 
     def release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
     ) -> int:
-        replies = self._fan(_Send("RELEASE", namespace, name,
-                                  dict.fromkeys(range(len(self._nodes)),
-                                                (owner, token or 0, request_id or "")),
-                                  1.0))  # fmt: skip
+        replies = self._fan("RELEASE", namespace, name,
+                            (owner, token or 0, request_id or ""), 1.0)  # fmt: skip
         return self._backend._released(replies, name, owner, token)
 
-    def _fan(self, send: _Send) -> dict[int, list[Any] | _Down]:
-        """Send a script to its nodes, then read the replies, all within its deadline."""
-        deadline = time.monotonic() + send.within
-        node_backends = self._backend._nodes
+    def _fan(
+        self, script: str, namespace: str, name: str, args: tuple[Any, ...], within: float
+    ) -> dict[int, list[Any] | _Down]:
+        """Send ``script`` to every node, then read the replies, all within ``within`` s."""
+        deadline = time.monotonic() + within
+        command = self._backend._nodes[0]._evalsha(script, namespace, name, args)
         replies: dict[int, list[Any] | _Down] = {}
-        sent: dict[int, tuple[tuple[Any, ...], Any]] = {}
-        # Nodes that need a new connection go last, a failing one last of all: setting
-        # one up to a node that hangs takes until the deadline, and the others' requests
-        # are on their way meanwhile.
-        order = sorted(send.args, key=lambda i: self._nodes[i].readiness())
+        sent: dict[int, Any] = {}
         try:
-            for i in order:
-                command = node_backends[i]._evalsha(
-                    send.script, send.namespace, send.name, send.args[i]
-                )
+            for i, node in enumerate(self._nodes):
                 try:
-                    sent[i] = (command, self._nodes[i].send(command, _left(deadline)))
+                    sent[i] = node.send(command, _left(deadline))
                 except BackendUnavailable:
                     replies[i] = _DOWN
             for i in list(sent):
-                command, conn = sent.pop(i)
-                replies[i] = self._reply(i, send.script, command, conn, deadline)
+                conn = sent.pop(i)
+                replies[i] = self._reply(i, script, command, conn, deadline)
         finally:
-            for i, (_, conn) in sent.items():  # left unread by an unexpected error
+            for i, conn in sent.items():  # left unread by an unexpected error
                 self._nodes[i].drop(conn)
         return dict(sorted(replies.items()))
 
@@ -894,71 +857,6 @@ class _RedlockDirect(DirectPath):
         except BackendUnavailable as exc:
             log.debug("%s: %s", self._backend._nodes[i].url, exc)
             return _DOWN
-
-
-class _Pops:
-    """A sync acquire's BLPOPs on the nodes' wake lists, each on a connection of its own.
-
-    A BLPOP still open when a wait ends serves the next wait of the same round. One
-    left from an earlier round, or still open when the acquire ends, is left unread: its
-    connection is reused once the BLPOP ends (the undo of a node that did not grant in
-    time wakes it at once).
-    """
-
-    def __init__(self, nodes: list[_RedisDirect], namespace: str, name: str, within: float):
-        self._nodes = nodes
-        self._namespace = namespace
-        self._name = name
-        self._within = within
-        """Seconds a node may take to set up a new connection."""
-        self._open: dict[int, tuple[str, Any]] = {}  # node -> (attempt, connection)
-
-    def wait(self, step: _Wait, delivered: list[dict[str, list[Any]]]) -> None:
-        """Pop grants as ``step`` says, leaving each in its node's ``delivered``."""
-        deadline = time.monotonic() + step.seconds
-        for i, (attempt, conn) in list(self._open.items()):
-            if attempt != step.attempt:  # an earlier round's
-                del self._open[i]
-                self._nodes[i].leave_unread(conn, redis_backend.CHECK_IN + self._within)
-        wake_list = redis_backend._wake_list(self._namespace, self._name, step.attempt)
-        woke = False
-        while (left := deadline - time.monotonic()) > 0:
-            for i in step.nodes:
-                if i not in self._open and step.attempt not in delivered[i]:
-                    blpop = ("BLPOP", wake_list, f"{max(left, 0.01):.3f}")  # 0: without end
-                    try:
-                        self._open[i] = (step.attempt, self._nodes[i].send(blpop, self._within))
-                    except BackendUnavailable:
-                        continue  # the next step finds the node down
-            if not self._open:
-                time.sleep(left)
-                return
-            for i, popped in self._replies(left):
-                if popped:  # not BLPOP's own timeout
-                    woke = True
-                    grant = redis_backend._delivered_grant(popped[1])
-                    if grant is not None:
-                        delivered[i][step.attempt] = grant
-            if woke and (not step.every or all(step.attempt in delivered[i] for i in step.nodes)):
-                return
-
-    def close(self) -> None:
-        """Leave the open BLPOPs to be read when they end (their connections are reused)."""
-        for i, (_, conn) in self._open.items():
-            self._nodes[i].leave_unread(conn, redis_backend.CHECK_IN + self._within)
-        self._open.clear()
-
-    def _replies(self, timeout: float) -> Iterator[tuple[int, Any]]:
-        """The replies of the open BLPOPs that come within ``timeout`` (the first)."""
-        if not self._open:
-            return
-        conns = {i: conn for i, (_, conn) in self._open.items()}
-        for i in _RedisDirect.readable(conns, timeout):
-            del self._open[i]
-            try:
-                yield i, self._nodes[i].receive(conns[i])
-            except BackendUnavailable:
-                continue
 
 
 def _left(deadline: float) -> float:
