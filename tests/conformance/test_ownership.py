@@ -34,7 +34,7 @@ def test_stranger_cannot_release_or_extend(
         stranger.extend(1)
     assert type(extended.value) is NotHeld
     assert snapshot(client.inspect("mine")) == before
-    assert client.inspect("mine").holders[0].ttl_left > 4
+    assert client.inspect("mine").holders[0].ttl_left > 2  # the stranger's extend(1) did not apply
     assert lock.state is LockState.HELD
     lock.release()
     assert not lock.locked()
