@@ -390,6 +390,13 @@ class RedisBackend(Backend):
                 async with asyncio.timeout(confirm_timeout):
                     await asyncio.shield(listening)
 
+    def listening(self) -> bool:
+        """Our inbox subscription is confirmed and its reader runs (read from any thread)."""
+        listening, reader = self._listening, self._reader
+        return (
+            listening is not None and listening.done() and reader is not None and not reader.done()
+        )
+
     def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
@@ -497,9 +504,13 @@ class _RedisDirect(DirectPath):
         try:
             reply = self._execute(command)
         except self._no_script:  # Redis restarted or flushed its scripts; nothing ran
-            self._execute(("SCRIPT", "LOAD", getattr(redis_lua, script)))
+            self.load(script)
             reply = self._execute(command)
         return list(reply)
+
+    def load(self, script: str) -> None:
+        """Load ``script`` (a name in :mod:`redis_lua`) into Redis, after a NOSCRIPT reply."""
+        self._execute(("SCRIPT", "LOAD", getattr(redis_lua, script)))
 
     def _execute(self, command: tuple[Any, ...]) -> Any:
         """Send one command on an idle connection and read its reply."""

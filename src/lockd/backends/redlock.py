@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from lockd.backends import redact_url, redis_lua
+from lockd.backends import redact_url
 from lockd.backends import redis as redis_backend
 from lockd.backends.base import (
     AcquireRequest,
@@ -511,12 +511,10 @@ class RedlockBackend(Backend):
                 for i, reply in replies.items():
                     if isinstance(reply, list) and reply[0] == "ok":
                         rnd.grants[i].token = token
-        ours = {i: g for i, g in rnd.grants.items() if _agrees(g, token, reentry)}
-        if len(ours) < need:
+        settled = _settled(rnd, token, reentry, need, ttl)
+        if settled is None:
             return None
-        validity = _validity([g.ends for g in ours.values()], need, ttl)
-        if validity <= 0:
-            return None
+        ours, validity = settled
         others = [i for i in range(len(self._nodes)) if i not in ours]
         if others:  # leave their queues, give back odd grants
             self._later(self._undo(namespace, name, owner, rnd.rid, ttl, others))
@@ -541,16 +539,6 @@ class RedlockBackend(Backend):
         """Undo a whole round on every node; the next try gets a new round."""
         rnd.undone = True
         await self._undo(req.namespace, req.name, req.owner, rnd.rid, req.ttl)
-
-    def _listening(self) -> bool:
-        """Every node's pub/sub subscription is confirmed (read from any thread)."""
-        return all(
-            n._listening is not None
-            and n._listening.done()
-            and n._reader is not None
-            and not n._reader.done()
-            for n in self._nodes
-        )
 
     async def _undo(
         self,
@@ -756,9 +744,17 @@ def _agreed_token(rnd: _Round, need: int) -> tuple[int, bool]:
     return max(fresh or [g.token for g in rnd.grants.values()]), False
 
 
-def _agrees(grant: _NodeGrant, token: int, reentry: bool) -> bool:
-    """A node's grant is part of the round's settled hold."""
-    return grant.token == token and (reentry or grant.count == 1)
+def _settled(
+    rnd: _Round, token: int, reentry: bool, need: int, ttl: float
+) -> tuple[dict[int, _NodeGrant], float] | None:
+    """The nodes whose grants make up the round's hold on ``token`` (a re-entry's, or
+    fresh ones) and its validity; None when they are too few or its validity is gone."""
+    ours = {i: g for i, g in rnd.grants.items()
+            if g.token == token and (reentry or g.count == 1)}  # fmt: skip
+    if len(ours) < need:
+        return None
+    validity = _validity([g.ends for g in ours.values()], need, ttl)
+    return None if validity <= 0 else (ours, validity)
 
 
 class _RedlockDirect(DirectPath):
@@ -781,7 +777,7 @@ class _RedlockDirect(DirectPath):
     def acquire(self, req: AcquireRequest) -> Grant:
         backend = self._backend
         base = req.request_id or uuid.uuid4().hex
-        if req.wait != 0 and not backend._listening():
+        if req.wait != 0 and not all(n.listening() for n in backend._nodes):
             raise ContinueOnLoop()  # the loop subscribes first: no wake-up is missed
         rnd = backend._next_round(base)
         woken = asyncio.Event()  # set from the loop; awaited there if the loop goes on
@@ -806,13 +802,12 @@ class _RedlockDirect(DirectPath):
             return None
         need = quorum(len(self._nodes), req.limit)
         token, reentry = _agreed_token(rnd, need)
-        if not all(_agrees(g, token, reentry) for g in rnd.grants.values()):
+        settled = _settled(rnd, token, reentry, need, req.ttl)
+        if settled is None or len(settled[0]) < len(self._nodes):
             return None
-        validity = _validity([g.ends for g in rnd.grants.values()], need, req.ttl)
-        if validity <= 0:
-            return None
+        ours, validity = settled
         return Grant(name=req.name, owner=req.owner, token=token,
-                     count=max(g.count for g in rnd.grants.values()), ttl=validity,
+                     count=max(g.count for g in ours.values()), ttl=validity,
                      waited=time.monotonic() - rnd.started)  # fmt: skip
 
     def release(
@@ -852,7 +847,7 @@ class _RedlockDirect(DirectPath):
             try:
                 return list(node.receive(conn, _left(deadline)))
             except node._no_script:  # the node restarted or flushed its scripts
-                node._execute(("SCRIPT", "LOAD", getattr(redis_lua, script)))
+                node.load(script)
                 return list(node.receive(node.send(command, _left(deadline)), _left(deadline)))
         except BackendUnavailable as exc:
             log.debug("%s: %s", self._backend._nodes[i].url, exc)
