@@ -16,6 +16,7 @@ import inspect
 import os
 import socket
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -146,6 +147,15 @@ class _LockBase(Generic[T]):
         """The current owner's reentrant count (0 when not held)."""
         hold = self._hold()
         return 0 if hold is None or hold.ended else hold.count
+
+    @property
+    def lease_left(self) -> float:
+        """Seconds until the current owner's hold ends unless renewed, by this process's
+        clock (a lower bound of the store's lease); 0.0 when not held."""
+        hold = self._hold()
+        if hold is None or hold.ended:
+            return 0.0
+        return max(0.0, hold.deadline - time.monotonic())
 
     @property
     def state(self) -> LockState:
