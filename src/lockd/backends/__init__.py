@@ -4,12 +4,13 @@ so a store's driver is needed only by those who use that store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from lockd.backends.base import Backend, require_safety
 from lockd.errors import InvalidRequest
 
-__all__ = ["Backend", "connect", "redact_url", "require_safety", "store_key"]
+__all__ = ["Backend", "connect", "redact_url", "register_scheme", "require_safety", "store_key"]
 
 REDIS_OPTIONS = {
     # What redis-py reads from a URL's query (the rest of the URL: user, password, db).
@@ -21,6 +22,16 @@ REDIS_OPTIONS = {
 }  # fmt: skip
 
 SCHEMES = ("memory", "file", "http", "https", "redis", "rediss", "redlock")
+_OPENERS: dict[str, Callable[[str], Backend]] = {}
+"""Schemes added by register_scheme, each with the function that makes its backend."""
+
+
+def register_scheme(scheme: str, opener: Callable[[str], Backend]) -> None:
+    """Open URLs of ``scheme`` with ``opener(url)`` (a store kept outside lockd, or a
+    test's wrapper around a real one). Each such URL is its own store key."""
+    if scheme.lower() in SCHEMES:
+        raise InvalidRequest(f"{scheme!r} is a built-in store scheme")
+    _OPENERS[scheme.lower()] = opener
 
 
 def redact_url(url: str) -> str:
@@ -40,7 +51,7 @@ def _split(url: str) -> tuple[str, str, dict[str, str]]:
         raise InvalidRequest(f"store URL must look like scheme://..., not {shown!r}")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
+    if scheme not in SCHEMES and scheme not in _OPENERS:
         raise InvalidRequest(
             f"unknown store scheme {scheme!r} in {redact_url(url)!r}; known: {', '.join(SCHEMES)}"
         )
@@ -51,6 +62,8 @@ def _split(url: str) -> tuple[str, str, dict[str, str]]:
 def store_key(url: str) -> str:
     """A canonical name for the store a URL points at: equal URLs share one store."""
     scheme, location, options = _split(url)
+    if scheme in _OPENERS:
+        return url
     if scheme in ("http", "https"):
         return url.rstrip("/")
     if scheme in ("redis", "rediss", "redlock"):
@@ -74,6 +87,8 @@ def connect(url: str) -> Backend:
     Call ``await backend.open()`` before use.
     """
     scheme, location, options = _split(url)
+    if scheme in _OPENERS:
+        return _OPENERS[scheme](url)
     if scheme in ("redis", "rediss"):
         from lockd.backends.redis import RedisBackend
 
