@@ -53,13 +53,16 @@ def test_run_not_acquired_within_wait(server: ServerProcess, tmp_path: Path) -> 
     assert "not acquired" in result.stderr
 
 
-def test_run_signals_child_when_lock_is_lost(server: ServerProcess, tmp_path: Path) -> None:
+def test_run_kills_child_at_once_when_lock_is_revoked(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A revoked hold has no lease left to give the child a grace in: SIGKILL at once."""
     started, stopped = tmp_path / "started", tmp_path / "stopped"
     script = (f"trap 'touch {stopped}; exit 0' TERM; touch {started}; "
               "while true; do sleep 0.05; done")  # fmt: skip
     env = {**os.environ, "LOCKD_URL": server.url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lockd.cli", "run", "nightly", "--ttl", "0.6", "--grace", "5",
+        [sys.executable, "-m", "lockd.cli", "run", "nightly", "--ttl", "6", "--grace", "5",
          "--", "sh", "-c", script], env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -69,8 +72,10 @@ def test_run_signals_child_when_lock_is_lost(server: ServerProcess, tmp_path: Pa
             time.sleep(0.02)
         with lockd.Client(server.url) as client:
             evicted = client.force_release("nightly")
+            revoked = time.monotonic()
         assert len(evicted) == 1
         code = proc.wait(timeout=20)
+        took = time.monotonic() - revoked
         stderr = proc.stderr.read() if proc.stderr else ""
     finally:
         if proc.poll() is None:
@@ -79,8 +84,9 @@ def test_run_signals_child_when_lock_is_lost(server: ServerProcess, tmp_path: Pa
         if proc.stderr:
             proc.stderr.close()
     assert code == EXIT_LOCK_LOST, stderr
-    assert stopped.exists()  # the child got SIGTERM
-    assert "lost" in stderr
+    assert took < 3  # the next renewal (at ttl/3 = 2 s) finds it revoked; no 5 s grace
+    assert not stopped.exists()  # SIGKILL, not SIGTERM
+    assert "revoked" in stderr
 
 
 def test_run_kills_child_that_ignores_sigterm(server: ServerProcess, tmp_path: Path) -> None:
@@ -140,3 +146,125 @@ def test_store_option_uses_a_store_directly(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     with lockd.Client(store) as client:
         assert client.inspect("job").last_token == 1
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``lockd ARGS`` without LOCKD_URL."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCKD_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "lockd.cli", *args], env=env, cwd=cwd, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+BAD_INPUT = [
+    ["acquire", "job", "--ttl", "0"],
+    ["acquire", ""],
+    ["acquire", "job", "--wait", "-1"],
+    ["acquire", "job", "--owner", ""],
+    ["release", "", "--owner", "me"],
+    ["status", "bad\nprefix"],
+    ["force-release", "job", "--owner", ""],
+    ["--namespace", "", "status"],
+    ["run", "job", "--ttl", "0", "--", "touch", "{marker}"],
+    ["run", "", "--", "touch", "{marker}"],
+    ["run", "job", "--wait", "-1", "--", "touch", "{marker}"],
+    ["run", "job", "--ttl", "5", "--grace", "5", "--", "touch", "{marker}"],
+    ["run", "job", "--grace", "-1", "--", "touch", "{marker}"],
+    ["run", "job", "--grace", "nan", "--", "touch", "{marker}"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_INPUT, ids=" ".join)
+def test_bad_input_is_a_usage_error(args: list[str], tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    marker = tmp_path / "ran"
+    result = cli("--store", store, *(a.format(marker=marker) for a in args))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Error:" in result.stderr
+    assert not marker.exists()
+    with lockd.Client(store) as client:
+        assert client.list_locks() == []
+
+
+@pytest.mark.parametrize("url", ["nonsense", "http://[bad", "ftp://x", "redis://h:p", "file://"])
+def test_malformed_store_url_is_a_usage_error(url: str, tmp_path: Path) -> None:
+    for option in ("--server", "--store"):
+        marker = tmp_path / "ran"
+        result = cli(option, url, "run", "job", "--", "touch", str(marker))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and "Error:" in result.stderr
+        assert not marker.exists()
+
+
+def test_unreachable_server_exits_69() -> None:
+    from tests.serverproc import free_port
+
+    result = cli("--server", f"http://127.0.0.1:{free_port()}", "status")
+    assert result.returncode == 69, result.stderr
+    assert "Traceback" not in result.stderr and "unreachable" in result.stderr
+
+
+def test_release_prints_the_count_left(tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    for _ in range(2):
+        assert cli("--store", store, "acquire", "deploy", "--owner", "ci").returncode == 0
+    first = cli("--store", store, "release", "deploy", "--owner", "ci")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"name": "deploy", "owner": "ci", "count": 1,
+                                        "released": False}  # fmt: skip
+    last = cli("--store", store, "release", "deploy", "--owner", "ci")
+    assert json.loads(last.stdout) == {"name": "deploy", "owner": "ci", "count": 0,
+                                       "released": True}  # fmt: skip
+    with lockd.Client(store) as client:
+        assert client.inspect("deploy").holders == ()
+
+
+@pytest.mark.parametrize(("command", "code"), [("/no/such/cmd", 127), ("{script}", 126)])
+def test_run_command_that_cannot_start_releases_the_lock(
+    command: str, code: int, tmp_path: Path
+) -> None:
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    store = f"file://{tmp_path / 'store'}"
+    result = cli("--store", store, "run", "job", "--", command.format(script=script))
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "cannot run" in result.stderr
+    with lockd.Client(store) as client:
+        info = client.inspect("job")
+    assert info.holders == () and info.last_token == 1
+
+
+@pytest.mark.parametrize(("signame", "code"), [("TERM", 143), ("INT", 130), ("KILL", 137)])
+def test_run_child_killed_by_a_signal_exits_like_a_shell(
+    signame: str, code: int, tmp_path: Path
+) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    result = cli("--store", store, "run", "job", "--", "sh", "-c", f"kill -{signame} $$")
+    assert result.returncode == code, result.stderr
+
+
+def test_store_and_server_options_after_the_subcommand(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    store = f"file://{tmp_path / 'direct'}"
+    result = cli("run", "job", "--store", store, "--", "true")
+    assert result.returncode == 0, result.stderr
+    with lockd.Client(store) as client:
+        assert client.inspect("job").last_token == 1
+    assert cli("acquire", "deploy", "--server", server.url, "--owner", "ci").returncode == 0
+    rows = json.loads(cli("status", "--server", server.url, "--json").stdout)
+    assert [r["name"] for r in rows] == ["deploy"]
+    released = cli("release", "deploy", "--owner", "ci", "--server", server.url)
+    assert json.loads(released.stdout)["released"] is True
+    assert cli("--namespace", "ns", "acquire", "a", "--server", server.url).returncode == 0
+    assert json.loads(cli("status", "--namespace", "ns", "--server", server.url,
+                          "--json").stdout)[0]["name"] == "a"  # fmt: skip
+
+
+def test_store_given_twice_differently_is_a_usage_error(tmp_path: Path) -> None:
+    one, two = f"file://{tmp_path / 'one'}", f"file://{tmp_path / 'two'}"
+    result = cli("--store", one, "run", "job", "--store", two, "--", "true")
+    assert result.returncode == 2 and "Error:" in result.stderr
+    both = cli("--server", "http://127.0.0.1:1", "status", "--store", one)
+    assert both.returncode == 2 and "not both" in both.stderr
