@@ -10,7 +10,7 @@ import copy
 
 import pytest
 
-from lockd._core import Changes, Hold, Key, LockTable, RequestKey, Waiter
+from lockd._core import Changes, Hold, Key, LockTable, NameRecord, RequestKey, Waiter
 from lockd.errors import InvalidRequest, LockLost, NotHeld, Revoked
 from lockd.model import Grant, ResourceInfo
 
@@ -340,7 +340,9 @@ def test_force_release_of_one_owner_hands_off_and_revokes() -> None:
     assert [(w, g.token) for w, g in handoffs] == [(w3, 3)]
     assert [h.owner for h in table.inspect(A, 1.0, WALL).holders] == ["o1", "o3"]
     changes = table.take_changes()
-    assert changes.revoked == [2]
+    record = changes.names[A]
+    assert record is not None
+    assert (list(record.revoked), list(record.evicted)) == ([2], ["o2"])
     with pytest.raises(Revoked):
         table.extend(A, "o2", 2, 5.0, 1.0)
     assert table.force_release(B, None, 1.0) == ([], [])
@@ -434,7 +436,7 @@ def test_take_changes_reports_exactly_what_changed() -> None:
     assert (hold.owner, hold.token, hold.count, hold.ttl, hold.limit) == ("alice", 1, 1, 5.0, 1)
     assert hold.acquired_at == WALL
     assert changes.last_token == 1
-    assert changes.revoked == []
+    assert set(changes.names) == {A}
     assert changes.requests == [(("acquire", NS, "a", "alice", "r1"), 1)]
     assert not table.take_changes()  # taken: cleared
 
@@ -467,15 +469,17 @@ def test_take_changes_reports_exactly_what_changed() -> None:
     changes = table.take_changes()
     assert changes.holds == {(NS, "b", "bob"): None}
     assert changes.last_token == 3
-    assert changes.revoked == [3]
+    record = changes.names[B]
+    assert record is not None
+    assert (record.last_token, list(record.revoked), list(record.evicted)) == (3, [3], ["bob"])
 
 
 def test_changes_is_falsy_only_when_empty() -> None:
-    assert not Changes({}, None, [], [], {})
-    assert Changes({}, 0, [], [], {})
-    assert Changes({}, None, [1], [], {})
-    assert Changes({(NS, "a", "o"): None}, None, [], [], {})
-    assert Changes({}, None, [], [], {(NS, "a"): 1})
+    assert not Changes({}, None, [], {})
+    assert Changes({}, 0, [], {})
+    assert Changes({}, None, [(("release", NS, "a", "o", "r"), 0)], {})
+    assert Changes({(NS, "a", "o"): None}, None, [], {})
+    assert Changes({}, None, [], {(NS, "a"): None})
 
 
 # --- restore ----------------------------------------------------------------------------------
@@ -483,7 +487,7 @@ def test_changes_is_falsy_only_when_empty() -> None:
 
 def _persisted(
     table: Table,
-) -> tuple[list[tuple[Key, Hold]], int, list[int], list[tuple[RequestKey, int]]]:
+) -> tuple[list[tuple[Key, Hold]], int, dict[Key, NameRecord], list[tuple[RequestKey, int]]]:
     """What the file store would hold on disk: every change since the table was made."""
     changes = table.take_changes()
     kept = [
@@ -491,7 +495,8 @@ def _persisted(
         for (ns, name, _), hold in changes.holds.items()
         if hold is not None
     ]
-    return kept, changes.last_token or 0, list(changes.revoked), list(changes.requests)
+    names = {key: record for key, record in changes.names.items() if record is not None}
+    return kept, changes.last_token or 0, names, list(changes.requests)
 
 
 def test_restore_gives_every_hold_its_full_ttl() -> None:
@@ -502,12 +507,12 @@ def test_restore_gives_every_hold_its_full_ttl() -> None:
     assert table.acquire(B, "o2", 3.0, 2, 1.0, WALL) is not None
     assert table.acquire((NS, "c"), "zed", 1.0, 1, 1.0, WALL) is not None
     table.force_release((NS, "c"), None, 1.5)  # token 4 revoked
-    holds, last_token, revoked, requests = _persisted(table)
+    holds, last_token, names, requests = _persisted(table)
     assert last_token == 4
-    assert revoked == [4]
+    assert list(names[(NS, "c")].revoked) == [4]
 
     restored: Table = LockTable()
-    restored.restore(holds, last_token, revoked, requests, now=500.0)
+    restored.restore(holds, last_token, requests, now=500.0, names=names)
     assert holders(restored, A, 500.0) == [("alice", 1, 2, 5.0)]
     info: ResourceInfo = restored.inspect(B, 500.0, WALL)
     assert info.limit == 2
@@ -532,7 +537,7 @@ def test_restore_keeps_a_higher_counter() -> None:
     table: Table = LockTable()
     for owner in ("a", "b", "c"):
         assert table.acquire((NS, owner), owner, 1.0, 1, 0.0, WALL) is not None
-    table.restore([], 1, [], [], now=0.0)
+    table.restore([], 1, [], now=0.0)
     assert table.last_token == 3
 
 
@@ -548,10 +553,10 @@ def test_restore_never_shortens_a_reentered_hold() -> None:
     again = table.acquire(A, "alice", 1.0, 1, 0.0, WALL)
     assert again is not None
     assert again.ttl == 60.0
-    holds, last_token, revoked, requests = _persisted(table)
+    holds, last_token, names, requests = _persisted(table)
 
     restored: Table = LockTable()
-    restored.restore(holds, last_token, revoked, requests, now=0.5)
+    restored.restore(holds, last_token, requests, now=0.5, names=names)
     assert restored.acquire(A, "bob", 1.0, 1, 2.0, WALL) is None
     ttl_left = restored.inspect(A, 2.0, WALL).holders[0].ttl_left
     assert ttl_left >= 58.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,15 @@ from lockd.backends.file import FileBackend
 NS = "default"
 
 
+async def opened(path: Path, **options: Any) -> FileBackend:
+    """A file store at ``path``, opened."""
+    store = FileBackend(path, **options)
+    await store.open()
+    return store
+
+
 async def test_request_ids_survive_restart_and_the_later_answer_wins(tmp_path: Path) -> None:
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     first = await store.acquire(NS, "a", "me", ttl=60, wait=0, request_id="r1")
     await store.aclose()
     db = sqlite3.connect(tmp_path / "lockd.db")
@@ -24,17 +32,17 @@ async def test_request_ids_survive_restart_and_the_later_answer_wins(tmp_path: P
         db.execute("INSERT INTO request_log VALUES ('acquire', ?, 'b', 'me', 'r2', 9)", (NS,))
     db.close()
 
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     try:
         again = await store.acquire(NS, "a", "me", ttl=60, wait=0, request_id="r1")
         assert again.token == first.token
-        assert store._table._requests[("acquire", NS, "b", "me", "r2")] == 9
+        assert store._table._requests[("acquire", NS, "b", "me", "r2")][0] == 9
     finally:
         await store.aclose()
 
 
 async def test_a_store_with_the_keyed_requests_table_is_carried_over(tmp_path: Path) -> None:
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     grant = await store.acquire(NS, "a", "me", ttl=60, wait=0, request_id="r1")
     await store.aclose()
     db = sqlite3.connect(tmp_path / "lockd.db")
@@ -48,7 +56,7 @@ async def test_a_store_with_the_keyed_requests_table_is_carried_over(tmp_path: P
         db.execute("DROP TABLE request_log")
     db.close()
 
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     try:
         again = await store.acquire(NS, "a", "me", ttl=60, wait=0, request_id="r1")
         assert again.token == grant.token
@@ -61,10 +69,10 @@ async def test_a_store_with_the_keyed_requests_table_is_carried_over(tmp_path: P
 
 
 async def test_a_failed_write_refuses_the_caller_and_everything_after(tmp_path: Path) -> None:
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     await store.acquire(NS, "a", "me", ttl=60, wait=0)
 
-    def broken(batch: object) -> None:
+    def broken(batch: object, cut: int) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     store._write = broken  # type: ignore[method-assign]
@@ -76,7 +84,7 @@ async def test_a_failed_write_refuses_the_caller_and_everything_after(tmp_path: 
         await store.ping()
     await store.aclose()
 
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     try:
         assert [r.name for r in await store.list_locks(NS)] == ["a"]
     finally:
@@ -84,7 +92,7 @@ async def test_a_failed_write_refuses_the_caller_and_everything_after(tmp_path: 
 
 
 async def test_a_grant_whose_caller_left_is_given_back_on_disk(tmp_path: Path) -> None:
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     for name in ("a", "b"):
         task = asyncio.create_task(store.acquire(NS, name, "me", ttl=60, wait=0))
         await asyncio.sleep(0)  # the step ran; its write is under way
@@ -94,7 +102,7 @@ async def test_a_grant_whose_caller_left_is_given_back_on_disk(tmp_path: Path) -
     await store.acquire(NS, "c", "me", ttl=60, wait=0)
     await store.aclose()
 
-    store = FileBackend(tmp_path)
+    store = await opened(tmp_path)
     try:
         assert [r.name for r in await store.list_locks(NS)] == ["c"]
     finally:

@@ -87,7 +87,10 @@ class Model:
     last_token: int = 0
     last_of: dict[str, int] = field(default_factory=dict)
     """Each name's last token (the store reports it per name)."""
-    revoked: set[int] = field(default_factory=set)
+    revoked: dict[str, set[int]] = field(default_factory=lambda: {n: set() for n in NAMES})
+    """Each name's force-released tokens."""
+    evicted: dict[str, set[str]] = field(default_factory=lambda: {n: set() for n in NAMES})
+    """Each name's owners whose latest hold there was force-released."""
     requests: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
 
     def live(self, name: str, now: float) -> dict[str, MHold]:
@@ -97,12 +100,15 @@ class Model:
             del holds[owner]
         return holds
 
-    def error_for(self, name: str, token: int | None, now: float) -> type[NotHeld]:
-        if token is not None and token in {h.token for h in self.live(name, now).values()}:
+    def error_for(self, name: str, owner: str, token: int | None, now: float) -> type[NotHeld]:
+        """The per-name judgement of a call that matched no hold (first rule wins)."""
+        if token is None:
+            return Revoked if owner in self.evicted[name] else NotHeld
+        if token in {h.token for o, h in self.live(name, now).items() if o != owner}:
             return NotHeld  # someone else's live token: not a hold that ended
-        if token is not None and token in self.revoked:
+        if token in self.revoked[name]:
             return Revoked
-        if token is not None and 0 < token <= self.last_of.get(name, 0):
+        if 0 < token <= self.last_of.get(name, 0):
             return LockLost
         return NotHeld
 
@@ -130,6 +136,7 @@ class Model:
             self.last_token += 1
             self.last_of[name] = self.last_token
             hold = holds[owner] = MHold(self.last_token, 1, now + ttl, ttl)
+            self.evicted[name].discard(owner)
             fresh = True
         else:
             return AcquireTimeout, False
@@ -151,7 +158,7 @@ class Model:
             return self.requests[key]
         hold = self.find(name, owner, token, now)
         if hold is None:
-            return self.error_for(name, token, now)
+            return self.error_for(name, owner, token, now)
         hold.count -= 1
         if hold.count == 0:
             del self.holds[name][owner]
@@ -162,7 +169,7 @@ class Model:
     def extend(self, name: str, owner: str, token: int | None, ttl: float, now: float) -> Outcome:
         hold = self.find(name, owner, token, now)
         if hold is None:
-            return self.error_for(name, token, now)
+            return self.error_for(name, owner, token, now)
         hold.expires = now + ttl
         hold.max_ttl = max(hold.max_ttl, ttl)
         return (hold.token, hold.count, ttl)
@@ -308,7 +315,8 @@ class BackendMachine(RuleBasedStateMachine):
         evicted = sorted((o, h.token) for o, h in holds.items() if owner in (None, o))
         for o, token in evicted:
             del holds[o]
-            self.model.revoked.add(token)
+            self.model.revoked[name].add(token)
+            self.model.evicted[name].add(o)
         assert not isinstance(got, LockError), got
         assert sorted((h.owner, h.token) for h in got) == evicted
 
@@ -375,7 +383,9 @@ class FileMachine(BackendMachine):
             raise
 
     def open(self) -> LocalBackend:
-        return FileBackend(self.dir, clock=self.clock)
+        backend = FileBackend(self.dir, clock=self.clock)
+        self.runner.run(backend.open())
+        return backend
 
     def teardown(self) -> None:
         try:
@@ -436,12 +446,14 @@ async def test_file_restart_does_not_bring_back_an_ended_hold(tmp_path: Path) ->
     """
     clock = FakeClock()
     store = FileBackend(tmp_path, clock=clock)
+    await store.open()
     try:
         grant = await store.acquire(NS, "a", "o1", ttl=0.5, wait=0)
         clock.now += 1.0  # the hold ended at +0.5 by the store's clock
     finally:
         await store.aclose()
     store = FileBackend(tmp_path, clock=clock)
+    await store.open()
     try:
         assert (await store.inspect(NS, "a")).holders == ()
         with pytest.raises(LockLost):
@@ -455,6 +467,7 @@ async def test_file_restart_never_shortens_a_reentered_hold(tmp_path: Path) -> N
     o2 must not get the lock 1 s later."""
     clock = FakeClock()
     store = FileBackend(tmp_path, clock=clock)
+    await store.open()
     try:
         await store.acquire(NS, "a", "o1", ttl=4.0, wait=0)
         again = await store.acquire(NS, "a", "o1", ttl=0.5, wait=0)
@@ -462,6 +475,7 @@ async def test_file_restart_never_shortens_a_reentered_hold(tmp_path: Path) -> N
     finally:
         await store.aclose()
     store = FileBackend(tmp_path, clock=clock)
+    await store.open()
     try:
         clock.now += 1.0
         with pytest.raises(AcquireTimeout):

@@ -20,20 +20,27 @@ Rules (each one is a contract item of docs/architecture.md):
   *handoffs* for the caller to deliver: the methods that free slots return them, and
   ``take_handoffs`` returns any made along the way by other methods (an expiry noticed
   by an acquire or inspect).
-* Tokens come from one counter for the whole table, so each new grant of a name gets a
-  token strictly greater than every earlier grant of that name. Reentrant grants reuse
-  the holder's token. Each name's last token is kept for introspection.
+* Tokens come from one counter for the whole table (``last_token``, kept apart from
+  any name), so each new grant of a name gets a token strictly greater than every
+  earlier grant of that name, even after the name's own records were pruned.
+  Reentrant grants reuse the holder's token.
+* Each name that issued a token has a record (``NameRecord``): its last token, the
+  tokens an administrator revoked and the owners evicted (each bounded).
 * Release and extend match on owner and, when given, token. When no hold matches, the
-  error says why: ``Revoked`` if an administrator took that token, ``LockLost`` if the
-  token was issued for this name and is no longer held (so the hold ended), else
-  ``NotHeld``. Nothing changes.
+  error is judged for this name alone, first match wins, and nothing changes:
+  a token of another owner's live hold is ``NotHeld``; a revoked token, or no token
+  from an owner whose latest hold here was evicted, is ``Revoked``; a token this name
+  issued (``0 < token <= last``) is ``LockLost``; anything else is ``NotHeld``.
 * A request id makes a retried acquire or release apply once: the first outcome is
-  remembered (bounded) and answered again. An acquire whose caller has gone can be
-  *abandoned* by its request id at any stage: queued, granted, or not yet arrived.
+  remembered (bounded, and for ``retention`` seconds) and answered again. An acquire
+  whose caller has gone can be *abandoned* by its request id at any stage: queued,
+  granted, or not yet arrived.
 * A resource with a holder or waiter keeps its ``limit``; asking with another limit is
-  refused. A resource with neither is forgotten.
+  refused. A resource with neither is forgotten, and its name's record is pruned once
+  the name has been idle for ``retention`` seconds (a late release or extend then gets
+  ``NotHeld``).
 
-Every change to holds, the counter, revocations and remembered requests is noted as
+Every change to holds, the counter, name records and remembered requests is noted as
 dirty so the file backend can persist exactly that before it answers.
 """
 
@@ -47,7 +54,7 @@ from typing import Generic, TypeVar
 from lockd.errors import AcquireTimeout, InvalidRequest, LockLost, NotHeld, Revoked
 from lockd.model import Grant, HolderInfo, ResourceInfo, WaiterInfo
 
-__all__ = ["Changes", "Hold", "LockTable", "Waiter"]
+__all__ = ["RETENTION", "Changes", "Hold", "LockTable", "NameRecord", "Waiter"]
 
 Key = tuple[str, str]
 """(namespace, name)"""
@@ -57,9 +64,13 @@ RequestKey = tuple[str, str, str, str, str]
 """(operation, namespace, name, owner, request id)"""
 
 W = TypeVar("W")
+T = TypeVar("T")
 
 MAX_REMEMBERED_REQUESTS = 100_000
-MAX_REMEMBERED_REVOCATIONS = 10_000
+MAX_NAME_RECORDS = 32
+"""Revoked tokens, and evicted owners, kept per name (the newest)."""
+RETENTION = 600.0
+"""Seconds an idle name's record and a remembered request id are kept."""
 
 
 @dataclass(slots=True)
@@ -72,7 +83,7 @@ class Hold:
     ttl: float
     limit: int
     granted: float
-    """Store clock reading when the hold began (or when it was restored)."""
+    """Store clock reading when the hold began (moved back by the time held on a restore)."""
     expires: float
     acquired_at: float
     """Wall-clock time of the grant, for display only."""
@@ -90,6 +101,23 @@ class Waiter(Generic[W]):
     request_id: str | None = None
     acquired_at: float = 0.0
     """Wall-clock time of the request, for display only."""
+    grant: Grant | None = None
+    """Set by the step that granted it (before the backend delivers the grant)."""
+
+
+@dataclass(slots=True)
+class NameRecord:
+    """What a name remembers for judging late calls: its last token, revocations, evictions."""
+
+    last_token: int = 0
+    revoked: dict[int, None] = field(default_factory=dict)
+    """Force-released tokens, oldest first (bounded)."""
+    evicted: dict[str, None] = field(default_factory=dict)
+    """Owners whose latest hold on this name was force-released, oldest first (bounded)."""
+
+    def copy(self) -> NameRecord:
+        """An independent copy (for the writer)."""
+        return NameRecord(self.last_token, dict(self.revoked), dict(self.evicted))
 
 
 @dataclass(slots=True)
@@ -105,32 +133,33 @@ class Changes:
 
     holds: dict[HoldKey, Hold | None]
     last_token: int | None
-    revoked: list[int]
+    """The store-wide counter, when it moved."""
     requests: list[tuple[RequestKey, int]]
-    names: dict[Key, int]
-    """Each changed name's last token."""
+    names: dict[Key, NameRecord | None]
+    """Each changed name's record; None: pruned."""
 
     def __bool__(self) -> bool:
-        return bool(
-            self.holds or self.last_token is not None or self.revoked or self.requests or self.names
-        )
+        return bool(self.holds or self.last_token is not None or self.requests or self.names)
 
 
 class LockTable(Generic[W]):
     """All resources of one store, and the rules above."""
 
-    def __init__(self) -> None:
+    def __init__(self, retention: float = RETENTION) -> None:
+        self.retention = retention
         self._resources: dict[Key, _Resource[W]] = {}
         self.last_token = 0
-        self._revoked: OrderedDict[int, None] = OrderedDict()
-        self._requests: OrderedDict[RequestKey, int] = OrderedDict()
+        self._requests: OrderedDict[RequestKey, tuple[int, float]] = OrderedDict()
+        self._records: dict[Key, NameRecord] = {}
+        self._idle: OrderedDict[Key, float] = OrderedDict()
+        """Names with a record and no resource, by when they went idle (oldest first)."""
         self._dirty_holds: dict[HoldKey, Hold | None] = {}
         self._dirty_token = False
-        self._new_revoked: list[int] = []
         self._new_requests: list[tuple[RequestKey, int]] = []
-        self._last_of: dict[Key, int] = {}
-        self._dirty_names: dict[Key, int] = {}
+        self._dirty_names: dict[Key, NameRecord | None] = {}
         self._pending: list[tuple[Waiter[W], Grant]] = []
+        self._now = 0.0
+        """The latest clock reading seen (request ids remembered without one use it)."""
 
     # --- operations -------------------------------------------------------------------
 
@@ -145,6 +174,7 @@ class LockTable(Generic[W]):
         request_id: str | None = None,
     ) -> Grant | None:
         """Grant at once if the rules allow, else return None (the caller may enqueue)."""
+        self._now = now
         if self._remembered(("abandon", *key, owner, request_id or "")) is not None:
             raise AcquireTimeout("this request was abandoned by its caller", name=key[1],
                                  owner=owner)  # fmt: skip
@@ -162,6 +192,7 @@ class LockTable(Generic[W]):
             return self._grant_of(key, hold, now, waited=0.0)
         if res is None or not (res.holds or res.waiters):
             res = self._resources[key] = _Resource(limit)
+            self._idle.pop(key, None)
         elif res.limit != limit:
             raise InvalidRequest(
                 f"{key[1]!r} is held with limit {res.limit}; this request asks for limit {limit}",
@@ -201,6 +232,11 @@ class LockTable(Generic[W]):
         self._pending += self._settle(key, res, now)
         return self.take_handoffs()
 
+    def is_queued(self, waiter: Waiter[W]) -> bool:
+        """Whether ``waiter`` is still in its queue (neither granted nor gone)."""
+        res = self._resources.get(waiter.key)
+        return res is not None and waiter in res.waiters
+
     def abandon(
         self, key: Key, owner: str, request_id: str, now: float
     ) -> tuple[Waiter[W] | None, list[tuple[Waiter[W], Grant]]]:
@@ -210,6 +246,7 @@ class LockTable(Generic[W]):
         grant is released once; a request not seen yet is refused when it arrives.
         Abandoning twice does nothing more. Returns (waiter removed, handoffs).
         """
+        self._now = now
         abandon_key: RequestKey = ("abandon", *key, owner, request_id)
         if self._remembered(abandon_key) is not None:
             return None, []
@@ -234,6 +271,7 @@ class LockTable(Generic[W]):
         request_id: str | None = None,
     ) -> tuple[int, list[tuple[Waiter[W], Grant]]]:
         """Drop one count of the owner's hold; returns (count left, handoffs)."""
+        self._now = now
         remembered = self._remembered(("release", *key, owner, request_id or ""))
         if remembered is not None:
             return remembered, []
@@ -260,25 +298,30 @@ class LockTable(Generic[W]):
     def force_release(
         self, key: Key, owner: str | None, now: float
     ) -> tuple[list[Hold], list[tuple[Waiter[W], Grant]]]:
-        """Evict every holder (or one owner); their tokens are recorded as revoked."""
+        """Evict every holder (or one owner); their tokens and owners are recorded."""
         res = self._resources.get(key)
         if res is None:
             return [], self.take_handoffs()
         self._expire(key, res, now)
         evicted = [h for h in res.holds.values() if owner is None or h.owner == owner]
+        record = self._records.setdefault(key, NameRecord()) if evicted else None
         for hold in evicted:
             del res.holds[hold.owner]
             self._dirty_holds[(*key, hold.owner)] = None
-            self._revoked[hold.token] = None
-            self._new_revoked.append(hold.token)
-        while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
-            self._revoked.popitem(last=False)
+            assert record is not None
+            _add_bounded(record.revoked, hold.token)
+            _add_bounded(record.evicted, hold.owner)
+        if record is not None:
+            self._dirty_names[key] = record
         self._pending += self._settle(key, res, now)
         return evicted, self.take_handoffs()
 
     def expire(self, now: float, key: Key | None = None) -> list[tuple[Waiter[W], Grant]]:
-        """Drop holds past their ttl (of ``key``, or across the table); returns the handoffs."""
+        """Drop holds past their ttl (of ``key``, or across the table, which also prunes
+        idle names and old request ids); returns the handoffs."""
         self._drop_expired(now, key)
+        if key is None:
+            self._prune(now)
         return self.take_handoffs()
 
     def take_handoffs(self) -> list[tuple[Waiter[W], Grant]]:
@@ -289,12 +332,13 @@ class LockTable(Generic[W]):
     # --- reading ----------------------------------------------------------------------
 
     def inspect(self, key: Key, now: float, wall: float) -> ResourceInfo:
-        """Holders, waiters and the last token issued by this table."""
+        """Holders, waiters and the name's last token (0 once its record was pruned)."""
         del wall
         res = self._resources.get(key)
         if res is not None:
             self._expire(key, res, now)
-        last = self._last_of.get(key, 0)
+        record = self._records.get(key)
+        last = 0 if record is None else record.last_token
         if res is None:
             return ResourceInfo(name=key[1], namespace=key[0], limit=1, last_token=last)
         holders = tuple(
@@ -349,52 +393,72 @@ class LockTable(Generic[W]):
         """Resources that have waiters."""
         return [key for key, res in self._resources.items() if res.waiters]
 
+    def sizes(self) -> dict[str, int]:
+        """How many resources, name records and request ids the table keeps (for tests)."""
+        return {
+            "resources": len(self._resources),
+            "names": len(self._records),
+            "requests": len(self._requests),
+        }
+
     # --- persistence ------------------------------------------------------------------
 
     def take_changes(self) -> Changes:
         """Return and clear what changed since the last call."""
         changes = Changes(
-            # Copies: the writer may run after later steps changed the live holds.
+            # Copies: the writer may run after later steps changed the live state.
             holds={k: None if h is None else _copy(h) for k, h in self._dirty_holds.items()},
             last_token=self.last_token if self._dirty_token else None,
-            revoked=self._new_revoked,
             requests=self._new_requests,
-            names=self._dirty_names,
+            names={k: None if r is None else r.copy() for k, r in self._dirty_names.items()},
         )
-        self._dirty_holds, self._dirty_token = {}, False
-        self._new_revoked, self._new_requests, self._dirty_names = [], [], {}
+        self.drop_changes()
         return changes
 
     def drop_changes(self) -> None:
         """Forget what changed (a store that persists nothing)."""
         self._dirty_holds, self._dirty_token = {}, False
-        self._new_revoked, self._new_requests, self._dirty_names = [], [], {}
+        self._new_requests, self._dirty_names = [], {}
 
     def restore(
         self,
         holds: list[tuple[Key, Hold]],
         last_token: int,
-        revoked: list[int],
         requests: list[tuple[RequestKey, int]],
         now: float,
-        names: dict[Key, int] | None = None,
+        names: dict[Key, NameRecord] | None = None,
+        wall: float | None = None,
     ) -> None:
         """Load persisted state after a restart. Every hold gets its full ttl from ``now``:
 
         that never shortens a hold (safety) and still ends it within its ttl (liveness).
+        With ``wall`` (the wall clock now), ``held_for`` goes on from each hold's
+        ``acquired_at``. Remembered request ids and idle names count their retention
+        from ``now``.
         """
+        self._now = now
         self.last_token = max(self.last_token, last_token)
+        for key, record in (names or {}).items():
+            mine = self._records.setdefault(key, NameRecord())
+            mine.last_token = max(mine.last_token, record.last_token)
+            mine.revoked.update(record.revoked)
+            mine.evicted.update(record.evicted)
+            self.last_token = max(self.last_token, mine.last_token)
         for key, hold in holds:
-            hold.granted = now
+            held = 0.0 if wall is None else max(0.0, wall - hold.acquired_at)
+            hold.granted = now - held
             hold.expires = now + hold.ttl
             res = self._resources.setdefault(key, _Resource(hold.limit))
             res.holds[hold.owner] = hold
-        for token in revoked:
-            self._revoked[token] = None
+            self.last_token = max(self.last_token, hold.token)
+            record = self._records.setdefault(key, NameRecord())
+            record.last_token = max(record.last_token, hold.token)
+        for key in self._records:
+            if key not in self._resources:
+                self._idle[key] = now
         for request_key, value in requests:
-            self._requests[request_key] = value
-        for key, token in (names or {}).items():
-            self._last_of[key] = max(self._last_of.get(key, 0), token)
+            self._requests.pop(request_key, None)
+            self._requests[request_key] = (value, now)
 
     # --- internals --------------------------------------------------------------------
 
@@ -402,28 +466,39 @@ class LockTable(Generic[W]):
         self, key: Key, owner: str, token: int | None, now: float
     ) -> tuple[_Resource[W], Hold]:
         res = self._resources.get(key)
-        held_by_others: set[int] = set()
+        live: set[int] = set()
         if res is not None:
             self._expire(key, res, now)
             hold = res.holds.get(owner)
             if hold is not None and (token is None or hold.token == token):
                 return res, hold
-            held_by_others = {h.token for h in res.holds.values()}
+            live = {h.token for h in res.holds.values() if h.owner != owner}
+        raise self._judge(key, owner, token, live)
+
+    def _judge(self, key: Key, owner: str, token: int | None, live: set[int]) -> NotHeld:
+        """Why ``owner`` (with ``token``) holds nothing on ``key``: judged for this name alone."""
+        record = self._records.get(key)
         name = key[1]
-        if token in held_by_others:  # someone else's live token: not a hold that ended
-            raise NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
-        if token is not None and token in self._revoked:
-            raise Revoked("the hold was force-released", name=name, owner=owner, token=token)
-        if token is not None and 0 < token <= self._last_of.get(key, 0):
-            raise LockLost("the hold has ended", name=name, owner=owner, token=token)
-        raise NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
+        if token is not None and token not in live and record is not None:
+            if token in record.revoked:
+                return Revoked("the hold was force-released", name=name, owner=owner, token=token)
+            if 0 < token <= record.last_token:
+                return LockLost("the hold has ended", name=name, owner=owner, token=token)
+        if token is None and record is not None and owner in record.evicted:
+            return Revoked("the hold was force-released", name=name, owner=owner)
+        return NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
 
     def _new_hold(
         self, key: Key, res: _Resource[W], owner: str, ttl: float, now: float, wall: float
     ) -> Hold:
         self.last_token += 1
         self._dirty_token = True
-        self._last_of[key] = self._dirty_names[key] = self.last_token
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = NameRecord()
+        record.last_token = self.last_token
+        record.evicted.pop(owner, None)
+        self._dirty_names[key] = record
         hold = Hold(owner, self.last_token, 1, ttl, res.limit, now, now + ttl, wall)
         res.holds[owner] = hold
         self._dirty_holds[(*key, owner)] = hold
@@ -444,7 +519,31 @@ class LockTable(Generic[W]):
                 continue
             self._expire(k, res, now)
             if not (res.holds or res.waiters):
-                self._resources.pop(k, None)
+                self._forget(k, now)
+
+    def _forget(self, key: Key, now: float) -> None:
+        """Drop an idle resource; its name's record starts its retention."""
+        self._resources.pop(key, None)
+        if key in self._records:
+            self._idle.pop(key, None)
+            self._idle[key] = now
+
+    def _prune(self, now: float) -> None:
+        """Forget names idle for ``retention`` and request ids older than that."""
+        cutoff = now - self.retention
+        while self._idle:
+            key, since = next(iter(self._idle.items()))
+            if since > cutoff:
+                break
+            del self._idle[key]
+            if key not in self._resources:
+                self._records.pop(key, None)
+                self._dirty_names[key] = None
+        while self._requests:
+            _, (_, written) = next(iter(self._requests.items()))
+            if written > cutoff:
+                break
+            self._requests.popitem(last=False)
 
     def _reenter(self, key: Key, hold: Hold, ttl: float, now: float) -> None:
         hold.count += 1
@@ -455,6 +554,7 @@ class LockTable(Generic[W]):
 
     def _settle(self, key: Key, res: _Resource[W], now: float) -> list[tuple[Waiter[W], Grant]]:
         """Grant queued waiters in order while slots are free; forget an idle resource."""
+        self._now = now
         handoffs: list[tuple[Waiter[W], Grant]] = []
         while res.waiters:
             head = res.waiters[0]
@@ -470,9 +570,10 @@ class LockTable(Generic[W]):
             self._remember(
                 ("acquire", *key, head.owner, head.request_id or ""), hold.token, head.request_id
             )
-            handoffs.append((head, self._grant_of(key, hold, now, waited=now - head.enqueued)))
-        if not (res.holds or res.waiters):
-            self._resources.pop(key, None)
+            head.grant = self._grant_of(key, hold, now, waited=now - head.enqueued)
+            handoffs.append((head, head.grant))
+        if not (res.holds or res.waiters) and self._resources.get(key) is res:
+            self._forget(key, now)
         return handoffs
 
     def _grant_of(self, key: Key, hold: Hold, now: float, waited: float) -> Grant:
@@ -488,15 +589,24 @@ class LockTable(Generic[W]):
     def _remembered(self, request_key: RequestKey) -> int | None:
         if not request_key[-1]:
             return None
-        return self._requests.get(request_key)
+        entry = self._requests.get(request_key)
+        return None if entry is None else entry[0]
 
     def _remember(self, request_key: RequestKey, value: int, request_id: str | None) -> None:
         if request_id is None:
             return
-        self._requests[request_key] = value
+        self._requests.pop(request_key, None)  # kept in order of writing, for pruning
+        self._requests[request_key] = (value, self._now)
         self._new_requests.append((request_key, value))
         while len(self._requests) > MAX_REMEMBERED_REQUESTS:
             self._requests.popitem(last=False)
+
+
+def _add_bounded(records: dict[T, None], item: T) -> None:
+    records.pop(item, None)
+    records[item] = None
+    while len(records) > MAX_NAME_RECORDS:
+        del records[next(iter(records))]
 
 
 def _copy(hold: Hold) -> Hold:

@@ -17,9 +17,28 @@ and writes its pid there. A second process that opens the same path is refused w
 one open store (see ``lockd._runtime``); other processes reach it through
 ``lockd serve``.
 
+Opening (SQLite's open, schema and the restore's reads) runs in the writer thread, so
+a slow disk does not stall the event loop that serves every other client.
+
+Commit index: every answer waits until what it read is on disk (see ``memory``), and a
+failed write (a full disk, an I/O error) puts the store out of service at once: every
+later call, every waiter and every answer still waiting for that write gets
+``BackendUnavailable``, and nothing queued after it is written. So nothing that was
+answered is lost; the next open starts from what was committed.
+
 After a restart every hold gets its full ttl again, counted from the restart: a restart
-never shortens a hold, and a hold whose owner is gone still ends within its ttl.
-Waiters are not persisted: they are live calls of the process that died.
+never shortens a hold, and a hold whose owner is gone still ends within its ttl. Its
+``acquired_at`` is kept, and ``held_for`` goes on from it (both by the wall clock, for
+display only). Waiters are not persisted: they are live calls of the process that died.
+
+Growth: the token counter is a row of its own (``counter``), so an idle name's row in
+``names`` can be pruned with its record (after ``retention``) without a token ever
+repeating; the request-id log is cut to what is younger than ``retention`` and to the
+newest ``KEPT_REQUESTS`` rows.
+
+``?sync=normal`` commits without waiting for the disk: that survives kill -9 of the
+process but not a power loss or OS crash, which can lose the last commits and so hand
+out a token again. Its capabilities say so: ``single-node``, not fencing, not durable.
 """
 
 from __future__ import annotations
@@ -27,21 +46,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from lockd._core import Changes, Hold, Key, RequestKey
+from lockd._core import RETENTION, Changes, Hold, Key, NameRecord, RequestKey
 from lockd.backends.memory import Clock, LocalBackend
 from lockd.errors import BackendUnavailable, InvalidRequest, StoreBusy
 from lockd.model import Capabilities, SafetyLevel
 
-__all__ = ["FileBackend"]
+__all__ = ["FileBackend", "WriterGate"]
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS holds (
@@ -52,31 +76,67 @@ CREATE TABLE IF NOT EXISTS holds (
 );
 CREATE TABLE IF NOT EXISTS names (
     namespace TEXT NOT NULL, name TEXT NOT NULL, last_token INTEGER NOT NULL,
+    revoked TEXT NOT NULL DEFAULT '[]', evicted TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (namespace, name)
 );
-CREATE TABLE IF NOT EXISTS revoked (token INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS counter (last_token INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS request_log (
     op TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
     request_id TEXT NOT NULL, value INTEGER NOT NULL
 );
 """
 # The answers to request ids are an append-only log (one B-tree to touch per commit, no
-# key index); the restore reads it in order, so a later row for a request id wins.
+# key index); the restore reads it in order, so a later row for a request id wins. Its
+# rowids rise by one per row (its last row is never cut), so the loop knows each row's.
 KEPT_REQUESTS = 100_000
 SYNC_MODES = ("full", "normal")
 OnDurable = Callable[[BackendUnavailable | None], None]
+
+DURABLE = Capabilities(
+    safety=SafetyLevel.LINEARIZABLE,
+    fencing=True,
+    fair=True,
+    durable=True,
+    shared_across_processes=False,
+)
+"""``sync=full``: every answer is on disk (fsync) before it leaves."""
+KILL_SAFE = Capabilities(
+    safety=SafetyLevel.SINGLE_NODE,
+    fencing=False,
+    fair=True,
+    durable=False,
+    shared_across_processes=False,
+)
+"""``sync=normal``: survives kill -9, not a power loss (which can repeat a token)."""
+
+
+class WriterGate(Protocol):
+    """Hooks the writer thread calls, for fault tests: each may block (a slow disk) or
+    raise (a failing one). Without a gate the writer calls nothing."""
+
+    def before_open(self) -> None:
+        """Before the database is opened and read."""
+
+    def before_commit(self) -> None:
+        """Inside each write transaction, just before its COMMIT."""
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """What the restore read from disk (in the writer thread)."""
+
+    db: sqlite3.Connection
+    holds: list[tuple[Key, Hold]]
+    last_token: int
+    requests: list[tuple[RequestKey, int]]
+    names: dict[Key, NameRecord]
+    log_end: int
 
 
 class FileBackend(LocalBackend):
     """Locks in a directory on disk; survives restarts and kill -9 of its process."""
 
-    capabilities = Capabilities(
-        safety=SafetyLevel.LINEARIZABLE,
-        fencing=True,
-        fair=True,
-        durable=True,
-        shared_across_processes=False,
-    )
+    capabilities = DURABLE
 
     _persistent = True
 
@@ -87,11 +147,17 @@ class FileBackend(LocalBackend):
         sync: str = "full",
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
+        retention: float = RETENTION,
+        gate: WriterGate | None = None,
     ) -> None:
         if sync not in SYNC_MODES:
             raise InvalidRequest(f"file store sync must be one of {SYNC_MODES}, not {sync!r}")
         self.path = Path(path).resolve()
-        super().__init__(f"file://{self.path}", clock=clock, wall=wall)
+        super().__init__(f"file://{self.path}", clock=clock, wall=wall, retention=retention)
+        if sync != "full":
+            self.capabilities = KILL_SAFE
+        self._sync = sync
+        self._gate = gate
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -99,44 +165,74 @@ class FileBackend(LocalBackend):
         self._lock_fd = _take_process_lock(self.path / "lockd.lock")
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._serve_jobs, name="lockd-file", daemon=True)
-        self._batch: list[tuple[Changes, OnDurable]] = []
+        self._db: sqlite3.Connection | None = None
+        self._batch: list[tuple[Changes | None, OnDurable]] = []
+        self._readers: list[OnDurable] = []
+        """Answers waiting only for the batch being written."""
         self._writing = False
         self._drained = asyncio.Event()
         self._drained.set()
-        try:
-            self._db = sqlite3.connect(
-                self.path / "lockd.db", isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={sync.upper()}")
-            self._db.executescript(SCHEMA)
-            self._restore()
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
-        self._writer.start()
+        self._log_end = 0
+        """The rowid of the request log's last row, once everything queued is written."""
+        self._log_marks: deque[tuple[float, int]] = deque()
+        """(clock reading, log end) of each batch that added rows, oldest first."""
+        self._log_cut = 0
+        """Rows up to this rowid are cut (or queued to be)."""
 
-    def _restore(self) -> None:
-        db = self._db
-        names: dict[Key, int] = {
-            (ns, name): int(token)
-            for ns, name, token in db.execute("SELECT namespace, name, last_token FROM names")
+    async def open(self) -> None:
+        """Open the database and restore the state, in the writer thread."""
+        if self._db is not None or self._lock_fd < 0:
+            return
+        if not self._writer.is_alive():
+            self._writer.start()
+        try:
+            loaded = await self._in_writer(self._load)
+        except (sqlite3.Error, OSError) as exc:
+            await self.aclose()
+            raise BackendUnavailable(f"cannot open file store {self.path}: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+        self._db = loaded.db
+        now = self._clock()
+        self._table.restore(loaded.holds, loaded.last_token, loaded.requests, now,
+                            loaded.names, self._wall())  # fmt: skip
+        self._log_end = self._log_cut = loaded.log_end
+        self._log_marks.append((now, loaded.log_end))
+
+    def _load(self) -> _Loaded:
+        """Open, create or carry over the schema, and read everything (writer thread)."""
+        if self._gate is not None:
+            self._gate.before_open()
+        db = sqlite3.connect(self.path / "lockd.db", isolation_level=None, check_same_thread=False)
+        try:
+            return self._read(db)
+        except BaseException:
+            db.close()
+            raise
+
+    def _read(self, db: sqlite3.Connection) -> _Loaded:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._sync.upper()}")
+        db.executescript(SCHEMA)
+        _carry_over(db)
+        names: dict[Key, NameRecord] = {
+            (ns, name): NameRecord(
+                int(token),
+                dict.fromkeys(int(t) for t in json.loads(revoked)),
+                dict.fromkeys(str(o) for o in json.loads(evicted)),
+            )
+            for ns, name, token, revoked, evicted in db.execute(
+                "SELECT namespace, name, last_token, revoked, evicted FROM names"
+            )
         }
-        # The counter is the highest token any name got (the names table keeps each).
-        last_token = max(names.values(), default=0)
         holds: list[tuple[Key, Hold]] = [
             ((ns, name), Hold(owner, token, count, ttl, lim, 0.0, 0.0, acquired_at))
             for ns, name, owner, token, count, ttl, lim, acquired_at in db.execute(
                 "SELECT namespace, name, owner, token, count, ttl, lim, acquired_at FROM holds"
             )
         ]
-        revoked = [int(t) for (t,) in db.execute("SELECT token FROM revoked ORDER BY token")]
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone():
-            # A store written before the log: its keyed table becomes the log's start.
-            db.executescript(
-                "BEGIN; INSERT INTO request_log SELECT op, namespace, name, owner, request_id,"
-                " value FROM requests ORDER BY rowid; DROP TABLE requests; COMMIT;"
-            )
+        (last_token,) = db.execute("SELECT last_token FROM counter").fetchone()
         db.execute(
             "DELETE FROM request_log WHERE rowid <= (SELECT max(rowid) FROM request_log) - ?",
             (KEPT_REQUESTS,),
@@ -148,12 +244,25 @@ class FileBackend(LocalBackend):
             key = (op, ns, name, owner, rid)
             requests.pop(key, None)  # the later answer is also the more recent one
             requests[key] = int(value)
-        self._table.restore(
-            holds, last_token, revoked, list(requests.items()), self._clock(), names
-        )
+        (log_end,) = db.execute("SELECT coalesce(max(rowid), 0) FROM request_log").fetchone()
+        return _Loaded(db, holds, int(last_token), list(requests.items()), names, int(log_end))
 
-    def _persist(self, changes: Changes, on_durable: OnDurable) -> None:
-        """Queue ``changes`` for the next transaction; ``on_durable`` runs at its commit."""
+    def _check(self) -> None:
+        super()._check()
+        if self._db is None:
+            raise BackendUnavailable(f"{self.url} is not open (await open() first)")
+
+    def _unwritten(self) -> bool:
+        return self._writing or bool(self._batch)
+
+    def _persist(self, changes: Changes | None, on_durable: OnDurable) -> None:
+        """Queue ``changes`` for the next transaction; ``on_durable`` runs at its commit.
+
+        ``None`` (a step that changed nothing) waits only for what is already queued.
+        """
+        if changes is None and not self._batch:
+            self._readers.append(on_durable)  # what it read is in the batch being written
+            return
         self._batch.append((changes, on_durable))
         if not self._writing:
             self._write_next()
@@ -165,16 +274,37 @@ class FileBackend(LocalBackend):
             return
         self._writing = True
         self._drained.clear()
-        self._submit(lambda: self._write([changes for changes, _ in batch]),
+        merged = [changes for changes, _ in batch if changes is not None]
+        cut = self._next_cut(sum(len(changes.requests) for changes in merged))
+        self._submit(lambda: self._write(merged, cut),
                      lambda failure: self._written(batch, failure))  # fmt: skip
 
+    def _next_cut(self, rows: int) -> int:
+        """Count ``rows`` new log rows; return the rowid up to which the log may be cut
+        (rows older than the retention or beyond the newest KEPT_REQUESTS), or 0."""
+        now = self._clock()
+        if rows:
+            self._log_end += rows
+            self._log_marks.append((now, self._log_end))
+        cut = self._log_end - KEPT_REQUESTS
+        while self._log_marks and self._log_marks[0][0] <= now - self._table.retention:
+            cut = max(cut, self._log_marks.popleft()[1])
+        cut = min(cut, self._log_end - 1)  # keep the last row: rowids go on from it
+        if cut <= self._log_cut:
+            return 0
+        self._log_cut = cut
+        return cut
+
     def _written(
-        self, batch: list[tuple[Changes, OnDurable]], failure: BackendUnavailable | None
+        self, batch: list[tuple[Changes | None, OnDurable]], failure: BackendUnavailable | None
     ) -> None:
         if failure is not None and self._failure is None:
             self._out_of_service(failure)
+        readers, self._readers = self._readers, []
         for _, on_durable in batch:
             on_durable(failure)  # steps these run (give-backs) join the next batch
+        for on_durable in readers:
+            on_durable(failure)
         self._writing = False
         if self._batch:
             self._write_next()
@@ -196,43 +326,76 @@ class FileBackend(LocalBackend):
 
         self._jobs.put(job)
 
+    async def _in_writer(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in the writer thread and return its result."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+        def job() -> None:
+            try:
+                result = work()
+            except BaseException as exc:  # handed to the caller in the loop
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        self._jobs.put(job)
+        return await done
+
     def _serve_jobs(self) -> None:
         """The writer thread: run jobs in order until told to stop."""
         while (job := self._jobs.get()) is not None:
             job()
 
-    def _write(self, batch: list[Changes]) -> None:
+    def _write(self, batch: list[Changes], cut: int) -> None:
         """One transaction for every step of the batch (runs in the writer thread).
 
         Later steps supersede earlier ones, so the batch is merged first and written
         with one statement per table.
         """
         holds: dict[tuple[str, str, str], Hold | None] = {}
-        names: dict[Key, int] = {}
+        names: dict[Key, NameRecord | None] = {}
+        counter: int | None = None
         for changes in batch:
             holds.update(changes.holds)
             names.update(changes.names)
+            if changes.last_token is not None:
+                counter = changes.last_token
         gone = [key for key, hold in holds.items() if hold is None]
         kept = [(*key, h.token, h.count, h.ttl, h.limit, h.acquired_at)
                 for key, h in holds.items() if h is not None]  # fmt: skip
-        revoked = [(t,) for changes in batch for t in changes.revoked]
+        named = [(*key, r.last_token, _json(list(r.revoked)), _json(list(r.evicted)))
+                 for key, r in names.items() if r is not None]  # fmt: skip
+        pruned = [key for key, record in names.items() if record is None]
         requests = [(*key, value) for changes in batch for key, value in changes.requests]
         writes: list[tuple[str, list[tuple[Any, ...]]]] = [
             ("DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?", gone),
             ("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)", kept),
-            ("INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
-             [(*key, token) for key, token in names.items()]),
-            ("INSERT OR IGNORE INTO revoked VALUES (?)", revoked),
+            ("INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?)", named),
+            ("DELETE FROM names WHERE namespace = ? AND name = ?", pruned),
+            ("UPDATE counter SET last_token = ?", [] if counter is None else [(counter,)]),
             ("INSERT INTO request_log VALUES (?, ?, ?, ?, ?, ?)", requests),
+            ("DELETE FROM request_log WHERE rowid <= ?", [(cut,)] if cut else []),
         ]  # fmt: skip
         db = self._db
+        assert db is not None
         try:
             db.execute("BEGIN IMMEDIATE")
             for sql, rows in writes:
                 if rows:  # each call costs even with no rows
                     db.executemany(sql, rows)
+            if self._gate is not None:
+                self._gate.before_commit()
             db.execute("COMMIT")
-        except sqlite3.Error:
+        except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
@@ -246,7 +409,9 @@ class FileBackend(LocalBackend):
             if not answered.done():  # the caller may have left
                 answered.set_result(failure)
 
-        self._submit(lambda: self._db.execute("SELECT 1"), answer)
+        db = self._db
+        assert db is not None
+        self._submit(lambda: db.execute("SELECT 1"), answer)
         failure = await answered
         if failure is not None:
             raise failure
@@ -255,17 +420,48 @@ class FileBackend(LocalBackend):
         """Close the database and let another process open the store."""
         if self._lock_fd < 0:
             return
-        if self._failure is None and not self._closed:
+        if self._db is not None and self._failure is None and not self._closed:
             # Holds that ended must not come back at the next start with a fresh ttl.
             with contextlib.suppress(BackendUnavailable):
                 await self._durably(None, lambda: (None, self._table.expire(self._clock())))
         await super().aclose()
         await self._drained.wait()
-        self._jobs.put(None)
-        self._writer.join()  # at once: every write has been answered
-        self._db.close()
+        if self._writer.is_alive():
+            self._jobs.put(None)
+            self._writer.join()  # at once: every write has been answered
+        if self._db is not None:
+            self._db.close()
         os.close(self._lock_fd)
         self._lock_fd = -1
+
+
+def _json(items: list[Any]) -> str:
+    return json.dumps(items) if items else "[]"
+
+
+def _carry_over(db: sqlite3.Connection) -> None:
+    """Bring a store written by an earlier layout up to this one."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone():
+        # A store written before the log: its keyed table becomes the log's start.
+        db.executescript(
+            "BEGIN; INSERT INTO request_log SELECT op, namespace, name, owner, request_id,"
+            " value FROM requests ORDER BY rowid; DROP TABLE requests; COMMIT;"
+        )
+    columns = {row[1] for row in db.execute("PRAGMA table_info(names)")}
+    if "revoked" not in columns:
+        # Before per-name records. Its store-wide revoked tokens name no lock, so they go:
+        # a late call with one of them hears LockLost instead of Revoked.
+        db.executescript(
+            "BEGIN; ALTER TABLE names ADD COLUMN revoked TEXT NOT NULL DEFAULT '[]';"
+            " ALTER TABLE names ADD COLUMN evicted TEXT NOT NULL DEFAULT '[]';"
+            " DROP TABLE IF EXISTS revoked; COMMIT;"
+        )
+    if db.execute("SELECT 1 FROM counter").fetchone() is None:
+        # Before the counter row: the counter was the highest token any name got.
+        db.execute(
+            "INSERT INTO counter SELECT max(coalesce((SELECT max(last_token) FROM names), 0),"
+            " coalesce((SELECT max(token) FROM holds), 0))"
+        )
 
 
 def _take_process_lock(lock_path: Path) -> int:

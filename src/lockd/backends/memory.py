@@ -6,10 +6,16 @@ The :class:`~lockd._core.LockTable` decides; this module makes its decisions dur
 Every operation is one *step*: a synchronous call into the table, whose changes and
 handoffs are captured at once; ``_persist(changes, on_durable)`` calls back when they
 are durable, and only then are the handoffs delivered (by that callback, so it happens
-even if the caller is cancelled) and the caller answered. A caller that leaves before
-that gives back what the step granted it. The memory store persists nothing and skips
-all that; the file store batches the changes of every step waiting on it into one
-transaction.
+even if the caller is cancelled) and the caller answered. A step that changed nothing
+still read what earlier steps changed: while any of that is not yet durable, its answer
+waits for it too (``_persist(None, ...)``), so no answer ever rests on state a failed
+write could lose. A caller that leaves before that gives back what the step granted it.
+The memory store persists nothing and skips all that; the file store batches the
+changes of every step waiting on it into one transaction.
+
+A waiter whose wait ends is taken out of the queue by a step; if a step had already
+granted it (a grant still being written), the grant wins and the caller gets it once
+it is durable, so a retry with the same request id and the original agree.
 
 A blocked acquire waits on its own future, which a release, expiry or force-release
 resolves directly (a *handoff*), so waiters wake without polling. A timer per waited-on
@@ -24,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar, cast
 
-from lockd._core import Changes, Key, LockTable, Waiter
+from lockd._core import RETENTION, Changes, Key, LockTable, Waiter
 from lockd.backends.base import AcquireRequest, Backend
 from lockd.errors import AcquireTimeout, BackendUnavailable, NotHeld
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
@@ -43,11 +49,18 @@ SWEEP_INTERVAL = 1.0
 class LocalBackend(Backend):
     """A lock table served in this process's event loop."""
 
-    def __init__(self, url: str, *, clock: Clock = time.monotonic, wall: Clock = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock = time.monotonic,
+        wall: Clock = time.time,
+        retention: float = RETENTION,
+    ) -> None:
         self.url = url
         self._clock = clock
         self._wall = wall
-        self._table: LockTable[Wake] = LockTable()
+        self._table: LockTable[Wake] = LockTable(retention)
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -85,13 +98,16 @@ class LocalBackend(Backend):
             raise self._timeout(key, owner)
         waiter = outcome
         try:
-            async with asyncio.timeout(wait):
-                return await asyncio.shield(waiter.wake)
-        except TimeoutError:
-            if _granted(waiter.wake):
-                return waiter.wake.result()
-            self._leave_queue(waiter)
-            raise self._timeout(key, owner) from None
+            try:
+                async with asyncio.timeout(wait):
+                    return await asyncio.shield(waiter.wake)
+            except TimeoutError:
+                if waiter.wake.done():  # granted, or failed, at the very end of the wait
+                    return waiter.wake.result()
+                if self._leave_queue(waiter):
+                    raise self._timeout(key, owner) from None
+            # A step granted it before the wait ended: the grant wins, once durable.
+            return await asyncio.shield(waiter.wake)
         except asyncio.CancelledError:
             self._undo_acquire(key, waiter)
             raise
@@ -181,14 +197,13 @@ class LocalBackend(Backend):
         """
         outcome, error, handoffs, changes = self._take_step(step)
         result = cast("T", outcome)  # a step that did not raise returned a result
-        if changes is None:
+        if changes is None and not self._unwritten():
             self._announce(key, handoffs)
         else:
             durable: asyncio.Future[BackendUnavailable | None] = self._loop().create_future()
 
             def on_durable(failure: BackendUnavailable | None) -> None:
-                if failure is None:
-                    self._announce(key, handoffs)
+                self._settled(key, handoffs, failure)
                 if not durable.done():
                     durable.set_result(failure)
                 elif failure is None and error is None and undo is not None:
@@ -205,15 +220,10 @@ class LocalBackend(Backend):
     def _run_step(self, key: Key | None, step: Step[object]) -> None:
         """Run ``step`` for nobody in particular; its handoffs go out once it is durable."""
         _, _, handoffs, changes = self._take_step(step)
-        if changes is None:
+        if changes is None and not self._unwritten():
             self._announce(key, handoffs)
         else:
-
-            def on_durable(failure: BackendUnavailable | None) -> None:
-                if failure is None:
-                    self._announce(key, handoffs)
-
-            self._persist(changes, on_durable)
+            self._persist(changes, lambda failure: self._settled(key, handoffs, failure))
 
     def _take_step(
         self, step: Step[T]
@@ -243,11 +253,27 @@ class LocalBackend(Backend):
         if key is not None:
             self._arm_timer(key)
 
+    def _settled(
+        self, key: Key | None, handoffs: list[Handoff], failure: BackendUnavailable | None
+    ) -> None:
+        """Deliver a step's handoffs once it is durable, or fail them with the store."""
+        if failure is None:
+            self._announce(key, handoffs)
+            return
+        for waiter, _ in handoffs:
+            if not waiter.wake.done():
+                waiter.wake.set_exception(failure)
+
+    def _unwritten(self) -> bool:
+        """Whether changes of earlier steps are not durable yet."""
+        return False
+
     def _persist(
-        self, changes: Changes, on_durable: Callable[[BackendUnavailable | None], None]
+        self, changes: Changes | None, on_durable: Callable[[BackendUnavailable | None], None]
     ) -> None:
         """Start making ``changes`` durable; call ``on_durable`` (in the event loop) once
-        they are, with None, or with the failure that took the store out of service.
+        they are, and every change queued before them, with None, or with the failure
+        that took the store out of service. ``None``: nothing new, wait for the earlier.
         """
         raise NotImplementedError
 
@@ -260,29 +286,30 @@ class LocalBackend(Backend):
     def _undo_acquire(self, key: Key, outcome: Grant | Waiter[Wake] | None) -> None:
         """Give back what an acquire got for a caller that left."""
         if isinstance(outcome, Waiter):
-            if _granted(outcome.wake):
-                self._give_back(key, outcome.wake.result())
-            else:
-                self._leave_queue(outcome)
+            if self._leave_queue(outcome) or outcome.grant is None:
+                return
+            # Granted by a step (delivered or not): given back in a step of its own,
+            # after it in the table, so it is written after the grant.
+            if not outcome.wake.done():
+                outcome.wake.cancel()  # its delivery then finds nobody to tell
+            self._give_back(key, outcome.grant)
         elif outcome is not None:
             self._give_back(key, outcome)
 
-    def _leave_queue(self, waiter: Waiter[Wake]) -> None:
-        """Take a waiter that gave up out of the queue now.
-
-        Its future is cancelled first: a grant made to it in a step still being written
-        finds it done when delivered, and is given back.
-        """
+    def _leave_queue(self, waiter: Waiter[Wake]) -> bool:
+        """Take a waiter that gave up out of the queue now, if it is still queued
+        (not granted by a step); returns whether it was."""
+        if not self._table.is_queued(waiter):
+            return False
         waiter.wake.cancel()
         self._run_step(waiter.key, lambda: (None, self._table.dequeue(waiter, self._clock())))
+        return True
 
     # --- waking waiters ---------------------------------------------------------------
 
     def _deliver(self, handoffs: list[Handoff]) -> None:
         for waiter, grant in handoffs:
-            if waiter.wake.done():  # its caller left after the grant was made: give it back
-                self._give_back(waiter.key, grant)
-            else:
+            if not waiter.wake.done():  # done: its caller left and gave the grant back
                 waiter.wake.set_result(grant)
             self._arm_timer(waiter.key)
 
@@ -322,11 +349,16 @@ class LocalBackend(Backend):
         if self._sweeper is None and not self._closed:
             self._sweeper = self._loop().create_task(self._sweep())
 
+    async def sweep(self) -> None:
+        """Drop expired holds, prune idle names and old request ids (done every second)."""
+        self._check()
+        await self._durably(None, lambda: (None, self._table.expire(self._clock())))
+
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             with contextlib.suppress(BackendUnavailable):
-                await self._durably(None, lambda: (None, self._table.expire(self._clock())))
+                await self.sweep()
             for key in self._table.waiting_keys():
                 if key not in self._timers:
                     self._arm_timer(key)
@@ -344,10 +376,6 @@ class LocalBackend(Backend):
             name=key[1],
             owner=owner,
         )
-
-
-def _granted(future: Wake) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
 
 
 class MemoryBackend(LocalBackend):
