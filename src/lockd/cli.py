@@ -65,7 +65,7 @@ DEFAULT_SERVER = "http://127.0.0.1:7700"
 DEFAULT_STORE = "file://./lockd-data"
 POLL = 0.02
 """Seconds between the supervisor's looks at the lock (local state only, no request)."""
-KILL_AHEAD = 0.05
+KILL_AHEAD = 0.1
 """SIGKILL this long before the local deadline, for the poll and the signal to land."""
 _WHERE = "lockd.where"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
