@@ -23,6 +23,7 @@ from lockd.client import (
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
+    ClientClosed,
     InvalidRequest,
     LockError,
     LockLost,
@@ -53,6 +54,7 @@ __all__ = [
     "BackendUnavailable",
     "Capabilities",
     "Client",
+    "ClientClosed",
     "Grant",
     "HolderInfo",
     "InvalidRequest",

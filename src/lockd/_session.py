@@ -26,14 +26,22 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lockd._runtime import Call, Runtime, quietly
 from lockd.backends import Backend
 from lockd.backends.base import AcquireRequest, ContinueOnLoop
-from lockd.errors import BackendUnavailable, LockLost, NotHeld, Revoked, StoreRefused
+from lockd.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    ClientClosed,
+    LockLost,
+    NotHeld,
+    Revoked,
+    StoreRefused,
+)
 from lockd.model import Grant, LockState
 
 __all__ = ["HoldState", "Session"]
@@ -49,6 +57,11 @@ ADOPT_FRACTION = 1 / 6
 their ttl (well before a renewal is due at RENEW_FRACTION)."""
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+SLOW_FRACTION = 1 / 4
+"""A renewal not answered within this fraction of the ttl turns the hold ``at_risk``
+(above RedLock's per-node timeout of ttl/5, which a healthy quorum can take)."""
+ATTEMPT_FRACTION = 1 / 3
+"""A renewal attempt not answered within this fraction of the ttl is sent again."""
 
 T = TypeVar("T")
 Listener = Callable[["HoldState"], None]
@@ -113,14 +126,26 @@ class HoldState:
         """The renewal in flight, if any."""
         self.releasing = False
         """A release is on its way from a caller's thread: start no renewal."""
+        self.reported = False
+        """The end of this hold was raised to the caller once (the next acquire starts afresh)."""
         self.deadline = 0.0
         self.renew_at = 0.0
         self.lease(anchor, grant.ttl)
 
     def lease(self, anchor: float, ttl_left: float) -> None:
-        """Record that the store granted ``ttl_left`` seconds as of ``anchor``."""
-        self.deadline = max(self.deadline, anchor + ttl_left * (1 - DRIFT))
+        """Record that the store's lease runs ``ttl_left`` seconds from ``anchor`` (a moment
+        before the request that got this answer was sent): the deadline follows the store's
+        latest word, longer or shorter."""
+        self.deadline = anchor + ttl_left * (1 - DRIFT)
         self.renew_at = anchor + self.ttl * RENEW_FRACTION
+
+    def state_at(self, now: float) -> LockState:
+        """The state as of ``now``: a live hold whose deadline has passed reads ``lost``
+        even before the watchdog has noticed (after a pause of this process, say)."""
+        state = self.state
+        if state not in _ENDED and now >= self.deadline:
+            return LockState.LOST
+        return state
 
     @property
     def lost(self) -> threading.Event:
@@ -153,7 +178,7 @@ class HoldState:
         return self.state in _ENDED
 
     def error(self) -> NotHeld:
-        """The error the next operation on an ended hold raises."""
+        """The error an operation on an ended hold raises."""
         cls = Revoked if self.state is LockState.REVOKED else LockLost
         return cls(f"{self.name!r} was {self.state.value}: {self.reason}",
                    name=self.name, owner=self.owner, token=self.token)  # fmt: skip
@@ -172,9 +197,11 @@ class Session:
     what needs the loop then (a queued wait, a retry, renewal) is handed to it.
     """
 
-    def __init__(self, backend: Backend, namespace: str, rt: Runtime) -> None:
+    def __init__(self, backend: Backend, namespace: str, rt: Runtime, label: str = "") -> None:
         self.backend = backend
         self.namespace = namespace
+        self.label = label or type(backend).__name__
+        """Names the store in log lines (a redacted URL)."""
         self._rt = rt
         self._holds: dict[tuple[str, str], HoldState] = {}
         self._guard = threading.Lock()  # the fields below, shared by callers and the loop
@@ -183,6 +210,9 @@ class Session:
         self._sweep_every = math.inf
         """Seconds between the loop's looks at ``_unwatched`` (inf: not looking)."""
         self._sweeper: asyncio.TimerHandle | None = None
+        self._cleanups: dict[tuple[str, str], asyncio.Task[None]] = {}
+        """Per (name, owner): undoing at the store a hold or request given up here."""
+        self.closed = False
 
     def hold(self, name: str, owner: str) -> HoldState | None:
         """The current hold state of (name, owner), if this session knows one."""
@@ -194,47 +224,90 @@ class Session:
         with self._guard:
             return list(self._holds.values())
 
+    def check_open(self) -> None:
+        """Raise ClientClosed once the client was closed."""
+        if self.closed:
+            raise ClientClosed("this client is closed; open a new one")
+
+    def _ended_first(self, want: Want) -> bool:
+        """Before an acquire: raise the end of a hold nested code still counts on, once.
+
+        After that one raise the acquire goes on for a new hold. Returns True when an
+        ended hold is known (so the acquire needs the loop, which undoes it first).
+        """
+        self.check_open()
+        known = self.hold(want.name, want.owner)
+        if known is None or not known.ended:
+            return False
+        if known.count > 0 and not known.reported:
+            known.reported = True
+            raise known.error()
+        return True
+
     async def acquire(
         self, want: Want, request_id: str | None = None, sent: float | None = None
     ) -> HoldState:
         """Acquire (or re-enter) and start the watchdog.
 
         A request the store may have applied without our hearing (BackendUnavailable)
-        is retried with the same request id, so it is applied once. ``request_id`` and
-        ``sent`` continue an acquire begun in a caller's thread.
+        is retried with the same request id, so it is applied once; one given up on is
+        abandoned at the store. ``request_id`` and ``sent`` continue an acquire begun in
+        a caller's thread. A grant that re-enters a hold this session gave up on, or
+        whose lease ended before its answer came, is given back and asked for anew.
         """
-        known = self.hold(want.name, want.owner)
-        if known is not None and known.ended and known.count > 0:
-            raise known.error()  # nested code must not go on as if it still held
+        self._ended_first(want)
+        name, owner, wait = want.name, want.owner, want.wait
         start = time.monotonic() if sent is None else sent
+        end = None if wait is None else start + wait
+        await self._cleaned((name, owner), end)
         rid = request_id or _request_id()
-        wait = want.wait
+        first = sent  # a continued acquire's first attempt was sent from the caller's thread
+        begun = start
+        """When the attempt whose answer counts was sent: the lease is counted from there."""
 
         def attempt() -> Awaitable[Grant]:
-            left = None if wait is None else max(0.0, start + wait - time.monotonic())
-            return self.backend.acquire(self.namespace, want.name, want.owner, ttl=want.ttl,
+            nonlocal begun, first
+            begun, first = (time.monotonic() if first is None else first), None
+            left = None if end is None else max(0.0, end - time.monotonic())
+            return self.backend.acquire(self.namespace, name, owner, ttl=want.ttl,
                                         wait=left, limit=want.limit, request_id=rid)  # fmt: skip
 
-        grant = await _retrying(attempt, None if wait is None else start + max(wait, RETRY_MAX))
-        # No await below: a cancellation must not land between the grant and its record.
-        return self._record(grant, want, start)
+        while True:
+            try:
+                grant = await _retrying(
+                    attempt,
+                    None if wait is None else start + max(wait, RETRY_MAX),
+                    f"acquiring {name!r} on {self.label}",
+                )
+            except BackendUnavailable as exc:
+                if not isinstance(exc, StoreRefused):  # it may wait in the queue, or be granted
+                    self._undo_soon((name, owner), self._abandon(name, owner, rid, want.ttl))
+                raise
+            known = self.hold(name, owner)
+            stale = known is not None and known.ended and known.token == grant.token
+            if not stale and _lease_end(begun, grant) > time.monotonic():
+                # No await below: a cancellation must not land between the grant and its record.
+                return self._record(grant, want, begun)
+            # An orphan of ours re-entered, or a lease already over: never hand it out.
+            await self._release_all(name, owner, grant.token, grant.count)
+            rid = _request_id()
+            if end is not None and time.monotonic() >= end:
+                raise AcquireTimeout(f"{name!r} was not granted in time", name=name, owner=owner)
 
     def acquire_now(self, want: Want) -> HoldState | None:
         """Acquire from a sync caller's thread through the backend's direct path.
 
-        None: make this acquire through the I/O loop instead (no direct path, or a
-        re-entry, whose record the loop updates).
+        None: make this acquire through the I/O loop instead (no direct path, a
+        re-entry, whose record the loop updates, or an ended hold to undo first).
         """
         direct = self.backend.direct
-        if direct is None:
+        if direct is None or self._ended_first(want):
             return None
         name, owner = want.name, want.owner
-        known = self.hold(name, owner)
-        if known is not None:
-            if not known.ended:
+        key = (name, owner)
+        with self._guard:
+            if key in self._holds or key in self._cleanups:
                 return None
-            if known.count > 0:
-                raise known.error()
         sent = time.monotonic()
         rid = _request_id()
         try:
@@ -253,37 +326,90 @@ class Session:
             except Exception:
                 raise
             except BaseException:  # interrupted, maybe before the loop took the request up
-                self._abandon_soon(name, owner, rid)
+                self._abandon_soon(name, owner, rid, want.ttl)
                 raise
         except BaseException:  # interrupted: the store may have applied it, so undo it
-            self._abandon_soon(name, owner, rid)
+            self._abandon_soon(name, owner, rid, want.ttl)
             raise
+        if _lease_end(sent, grant) <= time.monotonic():  # answered after the lease was over
+            self._abandon_soon(name, owner, rid, want.ttl)
+            return None  # the loop path asks anew once that is undone
         return self._record(grant, want, sent)
 
-    def _abandon_soon(self, name: str, owner: str, rid: str) -> None:
+    def _abandon_soon(self, name: str, owner: str, rid: str, ttl: float) -> None:
         """Have the loop undo acquire ``rid``, whatever the store made of it."""
-        self._rt.submit(quietly(self.backend.abandon(self.namespace, name, owner, rid)))
+        key = (name, owner)
+        self._rt.loop.call_soon_threadsafe(
+            lambda: self._undo_soon(key, self._abandon(name, owner, rid, ttl))
+        )
+
+    async def _abandon(self, name: str, owner: str, rid: str, ttl: float) -> None:
+        await _retrying(
+            lambda: self.backend.abandon(self.namespace, name, owner, rid),
+            time.monotonic() + max(ttl, RETRY_MAX),
+            f"abandoning a request for {name!r} on {self.label}",
+        )
+
+    async def _release_all(self, name: str, owner: str, token: int, count: int) -> None:
+        """Release every count of the store's hold ``token`` (one given up here)."""
+        for _ in range(max(1, count)):
+            try:
+                left = await self.backend.release(self.namespace, name, owner, token)
+            except NotHeld:
+                return
+            if left == 0:
+                return
+
+    async def _drain(self, hold: HoldState) -> None:
+        """Release at the store a hold given up here, while it may still be there."""
+
+        async def release_all() -> None:
+            await self._release_all(hold.name, hold.owner, hold.token, hold.count)
+
+        await _retrying(release_all, time.monotonic() + max(hold.ttl, RETRY_MAX),
+                        f"releasing {hold.name!r}, given up, on {self.label}")  # fmt: skip
+
+    def _undo_soon(self, key: tuple[str, str], undo: Coroutine[Any, Any, None]) -> None:
+        """Run ``undo`` in the background (on the loop); an acquire of ``key`` waits for it."""
+        task = asyncio.get_running_loop().create_task(quietly(undo))
+        with self._guard:
+            self._cleanups[key] = task
+
+        def done(_: object) -> None:
+            with self._guard:
+                if self._cleanups.get(key) is task:
+                    del self._cleanups[key]
+
+        task.add_done_callback(done)
+
+    async def _cleaned(self, key: tuple[str, str], end: float | None) -> None:
+        """Wait (until ``end`` at most) for the undoing of an earlier hold of ``key``."""
+        with self._guard:
+            task = self._cleanups.get(key)
+        if task is not None:
+            timeout = None if end is None else max(0.0, end - time.monotonic())
+            await asyncio.wait({task}, timeout=timeout)
 
     def _record(self, grant: Grant, want: Want, sent: float) -> HoldState:
         """Record a grant (new hold, or a re-entry of the known one) and watch it."""
-        ttl, listener = want.ttl, want.listener
-        anchor = sent + grant.waited * (1 - DRIFT)
+        listener = want.listener
+        anchor = sent + grant.waited * (1 - DRIFT)  # when the store granted, at the latest
         key = (grant.name, grant.owner)
         with self._guard:
             known = self._holds.get(key)
             if known is not None and known.token == grant.token and not known.ended:
                 known.count = grant.count
-                known.ttl = ttl
+                known.ttl = max(known.ttl, want.ttl)  # renewal keeps the longest nested ttl
                 known.lease(anchor, grant.ttl)
                 hold = known
             else:
-                hold = HoldState(grant.name, grant.owner, ttl, grant, anchor)
+                hold = HoldState(grant.name, grant.owner, want.ttl, grant, anchor)
                 hold.renew = want.renew
                 self._holds[key] = hold
             if listener is not None and listener not in hold.listeners:
                 hold.listeners.append(listener)
         if hold is not known:
-            if known is not None:  # the store granted afresh, so the earlier hold had ended
+            if known is not None and not known.ended:  # the store granted afresh: it had ended
                 self._end(known, LockState.LOST, f"the store granted a new token {grant.token}")
             self._watch(hold)
         return hold
@@ -292,11 +418,15 @@ class Session:
         """Release one count; returns the count left. Ended holds raise their error.
 
         An ended hold stays known (its state and ``lost`` event readable) until the
-        next acquire of that lock replaces it.
+        next acquire of that lock replaces it. A release that cannot reach the store
+        before the lease runs out ends the hold as lost (renewal has stopped, so the
+        store drops it by its ttl) and raises BackendUnavailable.
         """
+        self.check_open()
         hold = self.hold(name, owner)
         if hold is not None and hold.ended:
             hold.count = max(0, hold.count - 1)
+            hold.reported = True
             raise hold.error()
         if hold is not None and hold.count <= 1:
             await self._stop_renewal(hold)  # renewal stops before the release is sent
@@ -306,9 +436,19 @@ class Session:
             left = await _retrying(
                 lambda: self.backend.release(self.namespace, name, owner, token, rid),
                 hold.deadline if hold is not None else time.monotonic() + RETRY_MAX,
+                f"releasing {name!r} on {self.label}",
             )
         except NotHeld as exc:
             self._released(hold, exc)
+            raise
+        except BackendUnavailable as exc:
+            if hold is not None and not isinstance(exc, StoreRefused):
+                self._end(hold, LockState.LOST, f"the release could not reach the store: {exc}",
+                          drain=True)  # fmt: skip
+                hold.count, hold.reported = 0, True
+            elif hold is not None:  # refused: not released, the watchdog carries on
+                hold.releasing = False
+                self._watch(hold)
             raise
         self._released(hold, left)
         return left
@@ -319,6 +459,7 @@ class Session:
         None: release through the I/O loop instead (no direct path, a reentrant count,
         an ended hold, or a renewal in flight, which the loop stops first).
         """
+        self.check_open()
         direct = self.backend.direct
         hold = self.hold(name, owner)
         if direct is None or hold is None or hold.ended or hold.count != 1:
@@ -353,6 +494,7 @@ class Session:
             state = LockState.REVOKED if isinstance(outcome, Revoked) else LockState.LOST
             self._end(hold, state, outcome.message)
             hold.count = max(0, hold.count - 1)
+            hold.reported = True
             return
         hold.count = outcome
         hold.releasing = False
@@ -365,10 +507,17 @@ class Session:
             self._watch(hold)
 
     async def extend(self, name: str, owner: str, ttl: float) -> HoldState | None:
-        """Make the hold last ``ttl`` seconds from now (and renew with that ttl)."""
+        """Make the hold last ``ttl`` seconds from now (and renew with that ttl).
+
+        A renewal in flight is stopped first, so its answer cannot outlive this one's.
+        """
+        self.check_open()
         hold = self.hold(name, owner)
         if hold is not None and hold.ended:
+            hold.reported = True
             raise hold.error()
+        if hold is not None:
+            await self._stop_renewal(hold)
         sent = time.monotonic()
         try:
             grant = await self.backend.extend(
@@ -378,22 +527,29 @@ class Session:
             if hold is not None:
                 self._end(hold, LockState.REVOKED if isinstance(exc, Revoked) else LockState.LOST,
                           exc.message)  # fmt: skip
+                hold.reported = True
+            raise
+        except BaseException:
+            if hold is not None:
+                self._watch(hold)  # not extended: renewal goes on as before
             raise
         if hold is not None:
             hold.ttl = ttl
-            hold.deadline = 0.0
             hold.lease(sent, grant.ttl)
             hold.state = LockState.HELD
-            if hold.timer is not None:  # the next renewal is due at another time now
-                hold.disarm()
-                self._watch(hold)
+            self._watch(hold)
         return hold
 
     async def close(self, release: bool = True) -> None:
         """Stop every watchdog; release every hold still had, or leave them to expire."""
+        self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        with self._guard:
+            cleanups = list(self._cleanups.values())
+        for task in cleanups:  # the store drops what they would undo by its ttl
+            task.cancel()
         for hold in self.holds():
             await self._stop_renewal(hold)
             if hold.ended or not release:
@@ -409,7 +565,8 @@ class Session:
                     ):
                         break
                 except Exception as exc:  # closing goes on; the hold ends at its ttl
-                    log.warning("could not release %r on close: %s", hold.name, exc)
+                    log.warning("could not release %r on %s at close: %s",
+                                hold.name, self.label, exc)  # fmt: skip
                     break
             hold.state = LockState.RELEASED
             self._forget(hold)
@@ -471,7 +628,7 @@ class Session:
                     return
                 hold.renewer = asyncio.get_running_loop().create_task(self._renewal(hold))
         elif time.monotonic() >= hold.deadline:
-            self._end(hold, LockState.LOST, "its ttl ran out (renewal was off)")
+            self._end(hold, LockState.LOST, "its ttl ran out (renewal was off)", drain=True)
         else:  # extended meanwhile
             self._watch(hold)
 
@@ -485,16 +642,25 @@ class Session:
             self._watch(hold)
 
     async def _renew(self, hold: HoldState) -> None:
+        """Extend the hold until one attempt succeeds or its deadline passes.
+
+        ``at_risk`` comes with the first attempt that fails or is not answered within
+        ttl/4; an attempt not answered within ttl/3 is sent again.
+        """
         backoff = RETRY_FIRST
+        loop = asyncio.get_running_loop()
         while not hold.ended:
             sent = time.monotonic()
             left = hold.deadline - sent
             if left <= 0:
-                self._end(hold, LockState.LOST, "renewal kept failing until the lease ran out")
+                self._end(hold, LockState.LOST, "renewal kept failing until the lease ran out",
+                          drain=True)  # fmt: skip
                 return
+            slow = loop.call_later(min(left, hold.ttl * SLOW_FRACTION), self._at_risk, hold,
+                                   "renewal is not answered")  # fmt: skip
             try:
                 # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(min(left, hold.ttl * ATTEMPT_FRACTION)):
                     grant = await self.backend.extend(
                         self.namespace, hold.name, hold.owner, hold.token, hold.ttl
                     )
@@ -505,17 +671,22 @@ class Session:
                 self._end(hold, LockState.LOST, exc.message)
                 return
             except Exception as exc:  # any other failure is worth retrying until the deadline
-                if hold.state is LockState.HELD:
-                    hold.state = LockState.AT_RISK
-                    log.warning("renewing %r failed, retrying: %s", hold.name, exc)
+                self._at_risk(hold, f"renewal failed: {exc!r}")
                 await asyncio.sleep(min(backoff, max(0.0, hold.deadline - time.monotonic())))
                 backoff = min(backoff * 2, max(RETRY_FIRST, hold.ttl / 6), RETRY_MAX)
                 continue
+            finally:
+                slow.cancel()
             hold.lease(sent, grant.ttl)
             if hold.state is LockState.AT_RISK:
-                log.info("renewing %r recovered", hold.name)
+                log.info("renewing %r on %s recovered", hold.name, self.label)
                 hold.state = LockState.HELD
             return
+
+    def _at_risk(self, hold: HoldState, why: str) -> None:
+        if hold.state is LockState.HELD:
+            hold.state = LockState.AT_RISK
+            log.warning("lock %r on %s is at risk, retrying: %s", hold.name, self.label, why)
 
     async def _stop_renewal(self, hold: HoldState) -> None:
         hold.disarm()
@@ -525,13 +696,20 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _end(self, hold: HoldState, state: LockState, reason: str) -> None:
-        """Mark the hold lost or revoked, tell its listeners, stop its watchdog."""
+    def _end(self, hold: HoldState, state: LockState, reason: str, drain: bool = False) -> None:
+        """Mark the hold lost or revoked, tell its listeners, stop its watchdog.
+
+        ``drain``: the hold ends by this side's reckoning, not the store's word, so it is
+        also released at the store while it may still be there (the same owner's next
+        acquire must never re-enter it).
+        """
         if hold.ended:
             return
         hold.lose(state, reason)
-        log.warning("lock %r (owner %s, token %d) %s: %s",
-                    hold.name, hold.owner, hold.token, state.value, reason)  # fmt: skip
+        log.warning("lock %r on %s (owner %s, token %d) %s: %s",
+                    hold.name, self.label, hold.owner, hold.token, state.value, reason)  # fmt: skip
+        if drain:
+            self._on_loop(self._undo_soon, (hold.name, hold.owner), self._drain(hold))
         for listener in hold.listeners:
             try:
                 listener(hold)
@@ -557,10 +735,16 @@ class Session:
                 del self._holds[(hold.name, hold.owner)]
 
 
-async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+def _lease_end(sent: float, grant: Grant) -> float:
+    """The local deadline of ``grant``, answering a request sent at ``sent``."""
+    return sent + grant.waited * (1 - DRIFT) + grant.ttl * (1 - DRIFT)
+
+
+async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None, what: str) -> T:
     """Run ``op`` again (it keeps its request id) while the store is unreachable.
 
-    Gives up with the last BackendUnavailable at ``deadline`` (None: never).
+    Gives up with the last BackendUnavailable at ``deadline`` (None: never). ``what``
+    names the operation, the lock and the store in log lines.
     """
     backoff = RETRY_FIRST
     while True:
@@ -571,6 +755,6 @@ async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None) -> T
                 raise  # credentials or permissions: asking again cannot help
             if deadline is not None and time.monotonic() + backoff > deadline:
                 raise
-            log.warning("store unreachable; retrying in %.2f s", backoff)
+            log.warning("%s: store unreachable (%s); retrying in %.2f s", what, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX)

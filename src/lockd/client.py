@@ -11,6 +11,7 @@ one thread or task re-enters and two threads or tasks never share a hold. Pass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -19,14 +20,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from lockd._runtime import Call, runtime
 from lockd._session import HoldState, Session, Want
 from lockd.backends import Backend, redact_url, require_safety
-from lockd.errors import AcquireTimeout, NotHeld
+from lockd.errors import AcquireTimeout, LockError, NotHeld
 from lockd.model import (
     Capabilities,
     Duration,
@@ -55,6 +56,22 @@ _UNSET: Any = object()
 OnLost = Callable[[NotHeld], object]
 
 
+@contextlib.contextmanager
+def _body_first(body_error: BaseException | None) -> Iterator[None]:
+    """Around the release at the end of a ``with`` block: the body's own exception wins.
+
+    A release that fails (the lock was lost while the body ran, say) raises when the
+    body succeeded, so work done partly unprotected never passes unnoticed; when the
+    body raised, its exception goes on and carries the release's error as a note.
+    """
+    try:
+        yield
+    except LockError as exc:
+        if body_error is None:
+            raise
+        body_error.add_note(f"lockd: the release failed too: {type(exc).__name__}: {exc}")
+
+
 class _ClientBase:
     """Shared set-up: the store (opened on the I/O thread), namespace, id and session."""
 
@@ -77,10 +94,13 @@ class _ClientBase:
             self._rt.submit(self._rt.close_store(backend)).result()
             raise
         self.capabilities: Capabilities = backend.capabilities
-        self._session = Session(backend, self.namespace, self._rt)
+        self._session = Session(backend, self.namespace, self._rt, redact_url(url))
         self._closed = False
 
     def _call(self, coro: Coroutine[Any, Any, T], **kw: Any) -> Call[T]:
+        if self._closed:
+            coro.close()
+            self._session.check_open()
         return Call(self._rt, coro, **kw)
 
     async def _shutdown(self, release: bool) -> None:
@@ -161,7 +181,7 @@ class _LockBase(Generic[T]):
     def state(self) -> LockState:
         """``held``, ``at_risk``, ``lost``, ``revoked`` or ``released`` (also: never held)."""
         hold = self._hold()
-        return LockState.RELEASED if hold is None else hold.state
+        return LockState.RELEASED if hold is None else hold.state_at(time.monotonic())
 
     def _wait_for(self, wait: Duration | None) -> float | None:
         return self.wait if wait is _UNSET else check_wait(wait)
@@ -252,7 +272,7 @@ class Client(_ClientBase):
         """
         if not self._closed:
             self._closed = True
-            self._call(self._shutdown(release), finish=True).result()
+            Call(self._rt, self._shutdown(release), finish=True).result()
 
     def __enter__(self) -> Client:
         return self
@@ -278,8 +298,9 @@ class Acquired:
     def __enter__(self) -> Lock:
         return self.lock
 
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
+    def __exit__(self, et: object, error: BaseException | None, tb: object) -> None:
+        with _body_first(error):
+            self.lock.release()
 
 
 class Lock(_LockBase[Client]):
@@ -353,8 +374,9 @@ class Lock(_LockBase[Client]):
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, et: object, error: BaseException | None, tb: object) -> None:
+        with _body_first(error):
+            self.release()
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Use as a decorator: the function runs under the lock."""
@@ -413,7 +435,7 @@ class AsyncClient(_ClientBase):
         """Stop renewal and close the store; see :meth:`Client.close`."""
         if not self._closed:
             self._closed = True
-            await self._call(self._shutdown(release), finish=True).aresult()
+            await Call(self._rt, self._shutdown(release), finish=True).aresult()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -442,8 +464,9 @@ class AsyncAcquired:
     async def __aenter__(self) -> AsyncLock:
         return self.lock
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.lock.release()
+    async def __aexit__(self, et: object, error: BaseException | None, tb: object) -> None:
+        with _body_first(error):
+            await self.lock.release()
 
 
 class AsyncLock(_LockBase[AsyncClient]):
@@ -534,8 +557,9 @@ class AsyncLock(_LockBase[AsyncClient]):
         await self.acquire()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.release()
+    async def __aexit__(self, et: object, error: BaseException | None, tb: object) -> None:
+        with _body_first(error):
+            await self.release()
 
     def __call__(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         """Use as a decorator on a coroutine function: it runs under the lock."""

@@ -10,6 +10,7 @@ Every error is a :class:`LockError` and carries the lock's ``name``, ``owner`` a
     │   └── Revoked          an administrator force-released the hold
     ├── InvalidRequest       bad input; nothing was changed (also a ValueError)
     ├── SafetyUnavailable    the store cannot give the safety level asked for
+    ├── ClientClosed         the client was used after close() (also a RuntimeError)
     └── BackendUnavailable   the store cannot be reached or failed
         ├── StoreBusy        a file store is open in another process
         └── StoreRefused     the store refused us (authentication, permissions): not retried
@@ -20,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "AcquireTimeout",
     "BackendUnavailable",
+    "ClientClosed",
     "InvalidRequest",
     "LockError",
     "LockLost",
@@ -97,6 +99,12 @@ class SafetyUnavailable(LockError):
     code = "safety_unavailable"
 
 
+class ClientClosed(LockError, RuntimeError):
+    """The client was closed; its locks and calls can no longer be used."""
+
+    code = "client_closed"
+
+
 class BackendUnavailable(LockError):
     """The store could not be reached or failed to answer."""
 
@@ -128,6 +136,7 @@ ERROR_CODES: dict[str, type[LockError]] = {
         Revoked,
         InvalidRequest,
         SafetyUnavailable,
+        ClientClosed,
         BackendUnavailable,
         StoreBusy,
         StoreRefused,
