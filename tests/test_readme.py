@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import lockd
 
 from tests.serverproc import running_server
 
@@ -52,3 +56,38 @@ def test_readme_curl_examples_work_as_printed() -> None:
             assert values, command
             errors = [v.get("error") for v in values]
             assert errors == [expected_error] * len(values), (command, result.stdout)
+
+
+def python_example() -> str:
+    """The first Python block of the README (the "Ten lines" example)."""
+    match = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert match is not None
+    return match.group(1)
+
+
+def run_example(tmp: Path, charge: Callable[..., None]) -> list[str]:
+    alerts: list[str] = []
+    code = compile(python_example(), "README.md", "exec")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        exec(code, {"charge": charge, "alert": alerts.append})
+    finally:
+        os.chdir(cwd)
+    return alerts
+
+
+def test_readme_python_example_runs_as_printed(tmp_path: Path) -> None:
+    fences: list[int] = []
+    assert run_example(tmp_path, lambda order, fence: fences.append(fence)) == []
+    assert len(fences) == 1 and fences[0] > 0
+
+
+def test_readme_python_example_alerts_when_the_lock_is_lost(tmp_path: Path) -> None:
+    def charge(order: int, fence: int) -> None:
+        del order, fence
+        with lockd.Client("file://./lockd-data") as admin:  # someone evicts the holder
+            assert [h.token for h in admin.force_release("order:42")] != []
+
+    alerts = run_example(tmp_path, charge)
+    assert alerts == ["order:42 was lost while charging: check the charge"]
