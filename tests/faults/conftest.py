@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 
 import lockd
-from tests.faults import Outage, ProxyOutage, SwitchOutage
+from tests.faults import KINDS, Outage, ProxyOutage, SwitchOutage
 from tests.faults.proxy import FAULTY, SWITCHES, Proxy, switch
 from tests.redisproc import RedisProcess, running_redis, running_redis_nodes
 from tests.serverproc import ServerProcess, running_server
-
-KINDS = ["memory", "file", "redis", "http", "redlock3"]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +93,10 @@ def observer(outage: Outage) -> Iterator[lockd.Client]:
     """A client on the store that is never cut off: what the store really holds."""
     with lockd.Client(outage.direct_url) as client:
         yield client
+
+
+@pytest.fixture
+def client(outage: Outage) -> Iterator[lockd.Client]:
+    """The client under test, cut off with the store."""
+    with lockd.Client(outage.url) as c:
+        yield c
