@@ -1,4 +1,5 @@
-"""The curl examples in README.md work exactly as printed (against a real server)."""
+"""The README's examples work exactly as printed: the curl lines against a real server,
+the Python example against a file store."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lockd
-
 from tests.serverproc import running_server
 
 README = Path(__file__).parent.parent / "README.md"
