@@ -58,8 +58,10 @@ their ttl (well before a renewal is due at RENEW_FRACTION)."""
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 SLOW_FRACTION = 1 / 4
-"""A renewal not answered within this fraction of the ttl turns the hold ``at_risk``
-(above RedLock's per-node timeout of ttl/5, which a healthy quorum can take)."""
+SLOW_MAX = 1.5
+"""A renewal not answered within ``min(ttl * SLOW_FRACTION, SLOW_MAX)`` seconds turns the
+hold ``at_risk``: above RedLock's per-node timeout (ttl/5, at most 1 s), which a healthy
+quorum with one node down can take."""
 ATTEMPT_FRACTION = 1 / 3
 """A renewal attempt not answered within this fraction of the ttl is sent again."""
 
@@ -644,8 +646,8 @@ class Session:
     async def _renew(self, hold: HoldState) -> None:
         """Extend the hold until one attempt succeeds or its deadline passes.
 
-        ``at_risk`` comes with the first attempt that fails or is not answered within
-        ttl/4; an attempt not answered within ttl/3 is sent again.
+        ``at_risk`` comes with the first attempt that fails or is slow to answer (see
+        SLOW_FRACTION); an attempt not answered within ttl/3 is sent again.
         """
         backoff = RETRY_FIRST
         loop = asyncio.get_running_loop()
@@ -656,8 +658,8 @@ class Session:
                 self._end(hold, LockState.LOST, "renewal kept failing until the lease ran out",
                           drain=True)  # fmt: skip
                 return
-            slow = loop.call_later(min(left, hold.ttl * SLOW_FRACTION), self._at_risk, hold,
-                                   "renewal is not answered")  # fmt: skip
+            slow = loop.call_later(min(left, hold.ttl * SLOW_FRACTION, SLOW_MAX), self._at_risk,
+                                   hold, "renewal is not answered")  # fmt: skip
             try:
                 # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
                 async with asyncio.timeout(min(left, hold.ttl * ATTEMPT_FRACTION)):
