@@ -10,7 +10,16 @@ import copy
 
 import pytest
 
-from lockd._core import Changes, Hold, Key, LockTable, NameRecord, RequestKey, Waiter
+from lockd._core import (
+    MAX_NAME_RECORDS,
+    Changes,
+    Hold,
+    Key,
+    LockTable,
+    NameRecord,
+    RequestKey,
+    Waiter,
+)
 from lockd.errors import InvalidRequest, LockLost, NotHeld, Revoked
 from lockd.model import Grant, ResourceInfo
 
@@ -560,3 +569,99 @@ def test_restore_never_shortens_a_reentered_hold() -> None:
     assert restored.acquire(A, "bob", 1.0, 1, 2.0, WALL) is None
     ttl_left = restored.inspect(A, 2.0, WALL).holders[0].ttl_left
     assert ttl_left >= 58.0
+
+
+# --- per-name judgement and pruning -----------------------------------------------------------
+
+
+def test_wrong_tokens_and_evicted_owners_are_judged_per_name() -> None:
+    table: Table = LockTable()
+    assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL) is not None  # token 1
+    table.force_release(A, None, 0.0)
+    assert table.acquire(B, "bob", 5.0, 1, 0.0, WALL) is not None  # token 2
+    table.take_changes()
+    with pytest.raises(Revoked):
+        table.release(A, "alice", 1, 0.0)
+    with pytest.raises(Revoked):
+        table.release(A, "alice", None, 0.0)  # no token: alice was evicted from A
+    # B never issued token 1 as a hold of its own, but 1 <= its last: an ended token.
+    with pytest.raises(LockLost):
+        table.release(B, "alice", 1, 0.0)
+    with pytest.raises(NotHeld) as other_name:
+        table.release(B, "alice", None, 0.0)
+    assert type(other_name.value) is NotHeld  # evicted from A, not from B
+    with pytest.raises(NotHeld) as live:
+        table.release(B, "alice", 2, 0.0)  # bob's live token
+    assert type(live.value) is NotHeld
+    with pytest.raises(NotHeld) as above:
+        table.release(A, "alice", 2, 0.0)  # above A's last token
+    assert type(above.value) is NotHeld
+    assert not table.take_changes()
+    # A new grant of A to alice clears her eviction.
+    assert table.acquire(A, "alice", 5.0, 1, 1.0, WALL) is not None
+    assert table.release(A, "alice", None, 1.0)[0] == 0
+    with pytest.raises(NotHeld) as cleared:
+        table.release(A, "alice", None, 1.0)
+    assert type(cleared.value) is NotHeld
+
+
+def test_name_records_are_bounded() -> None:
+    table: Table = LockTable()
+    for i in range(MAX_NAME_RECORDS + 5):
+        assert table.acquire(A, f"o{i}", 5.0, 1, 0.0, WALL) is not None
+        table.force_release(A, None, 0.0)
+    record = table.take_changes().names[A]
+    assert record is not None
+    assert len(record.revoked) == len(record.evicted) == MAX_NAME_RECORDS
+    assert next(iter(record.evicted)) == "o5"  # the oldest went first
+
+
+def test_idle_names_are_pruned_after_the_retention_and_tokens_go_on() -> None:
+    table: Table = LockTable(retention=10.0)
+    assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL) is not None  # token 1
+    assert table.acquire(B, "bob", 100.0, 1, 0.0, WALL) is not None  # token 2, held on
+    assert table.release(A, "alice", 1, 1.0)[0] == 0  # A idle from t=1
+    table.take_changes()
+    table.expire(10.5)
+    assert table.sizes()["names"] == 2
+    with pytest.raises(LockLost):
+        table.release(A, "alice", 1, 10.5)
+    table.expire(11.0)
+    assert table.sizes() == {"resources": 1, "names": 1, "requests": 0}
+    assert table.take_changes().names == {A: None}
+    with pytest.raises(NotHeld) as late:
+        table.release(A, "alice", 1, 11.0)
+    assert type(late.value) is NotHeld
+    assert table.inspect(A, 11.0, WALL).last_token == 0
+    again = table.acquire(A, "alice", 5.0, 1, 11.0, WALL)
+    assert again is not None
+    assert again.token == 3  # above every earlier token of A, though A's record was gone
+    # A name with waiters is not idle either, however long it waits.
+    assert table.acquire(B, "carol", 5.0, 1, 11.0, WALL) is None
+    table.enqueue(waiter(B, "carol", 11.0))
+    table.expire(50.0)
+    assert table.inspect(B, 50.0, WALL).last_token == 2
+
+
+def test_request_ids_are_forgotten_after_the_retention() -> None:
+    table: Table = LockTable(retention=10.0)
+    assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL, request_id="r1") is not None
+    assert table.release(A, "alice", 1, 1.0, request_id="x") == (0, [])
+    table.expire(9.0)
+    assert table.release(A, "alice", 1, 9.0, request_id="x") == (0, [])  # remembered
+    table.expire(10.0)  # r1 was written at 0: gone; x at 1: kept
+    assert table.sizes()["requests"] == 1
+    table.expire(11.0)
+    assert table.sizes()["requests"] == 0
+    with pytest.raises(NotHeld):  # a new request now (and A's record went with it)
+        table.release(A, "alice", 1, 11.0, request_id="x")
+
+
+def test_restore_with_the_wall_clock_keeps_held_for() -> None:
+    table: Table = LockTable()
+    assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL) is not None
+    holds, last_token, names, requests = _persisted(table)
+    restored: Table = LockTable()
+    restored.restore(holds, last_token, requests, now=500.0, names=names, wall=WALL + 30.0)
+    (holder,) = restored.inspect(A, 501.0, WALL).holders
+    assert (holder.acquired_at, holder.held_for, holder.ttl_left) == (WALL, 31.0, 4.0)

@@ -197,7 +197,7 @@ class FileBackend(LocalBackend):
         now = self._clock()
         self._table.restore(loaded.holds, loaded.last_token, loaded.requests, now,
                             loaded.names, self._wall())  # fmt: skip
-        self._log_end = self._log_cut = loaded.log_end
+        self._log_end = loaded.log_end
         self._log_marks.append((now, loaded.log_end))
 
     def _load(self) -> _Loaded:
