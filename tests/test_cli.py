@@ -268,3 +268,39 @@ def test_store_given_twice_differently_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Error:" in result.stderr
     both = cli("--server", "http://127.0.0.1:1", "status", "--store", one)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_store_option_wins_over_lockd_url(tmp_path: Path) -> None:
+    from tests.serverproc import free_port
+
+    store = f"file://{tmp_path / 'direct'}"
+    env = {**os.environ, "LOCKD_URL": f"http://127.0.0.1:{free_port()}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lockd.cli", "--store", store, "run", "job", "--", "true"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_run_stops_the_childs_own_children_too(server: ServerProcess, tmp_path: Path) -> None:
+    from tests.test_cli_lease import dead, wait_for
+
+    pidfile = tmp_path / "pid"
+    script = f"sleep 60 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lockd.cli", "--server", server.url, "run", "job", "--ttl", "0.6",
+         "--", "sh", "-c", script], stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(pidfile.exists)
+        grandchild = int(pidfile.read_text())
+        with lockd.Client(server.url) as client:
+            assert len(client.force_release("job")) == 1
+        assert proc.wait(timeout=20) == EXIT_LOCK_LOST
+        wait_for(lambda: dead(grandchild), timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pidfile.exists() and not dead(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), 9)
