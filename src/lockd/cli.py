@@ -240,17 +240,20 @@ def run(ctx: click.Context, name: str, command: tuple[str, ...], ttl: float, wai
             lock.release()
             code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
             _fail(f"cannot run {command[0]!r}: {exc.strerror or exc}", code)
-        code, stopped = _supervise(child, lock, grace)
-        if stopped:
-            _fail(f"lock {name!r} was {lock.state.value} while the command ran; it was stopped",
+        code, why = _supervise(child, lock, grace)
+        if why is not None:
+            _fail(f"lock {name!r} was {why} while the command ran; the command was stopped",
                   EXIT_LOCK_LOST)  # fmt: skip
-        lock.release()
+        with contextlib.suppress(lockd.NotHeld):  # ended after the command did
+            lock.release()
     sys.exit(code)
 
 
-def _supervise(child: subprocess.Popen[bytes], lock: lockd.Lock, grace: float) -> tuple[int, bool]:
+def _supervise(
+    child: subprocess.Popen[bytes], lock: lockd.Lock, grace: float
+) -> tuple[int, str | None]:
     """Wait for the child, forwarding SIGTERM and SIGINT to its group; stop it if the lock
-    is in danger. Returns its exit code as a shell gives it, and whether it was stopped.
+    is in danger. Returns its exit code as a shell gives it, and why it was stopped.
 
     SIGTERM once the lock is ``at_risk`` with at most ``grace`` seconds of lease left;
     SIGKILL ``grace`` seconds later, or ``KILL_AHEAD`` before the local deadline (a lower
@@ -262,6 +265,7 @@ def _supervise(child: subprocess.Popen[bytes], lock: lockd.Lock, grace: float) -
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     term_at: float | None = None
+    at_risk = "at risk (renewal failing)"
     try:
         while child.poll() is None:
             state, left, now = lock.state, lock.lease_left, time.monotonic()
@@ -269,7 +273,7 @@ def _supervise(child: subprocess.Popen[bytes], lock: lockd.Lock, grace: float) -
             if ended or left <= KILL_AHEAD or (term_at is not None and now >= term_at + grace):
                 _signal_group(child, signal.SIGKILL)
                 child.wait()
-                return _shell_code(child.returncode), True
+                return _shell_code(child.returncode), state.value if ended else at_risk
             if term_at is None and state is lockd.LockState.AT_RISK and left <= grace:
                 _signal_group(child, signal.SIGTERM)
                 term_at = now
@@ -278,7 +282,7 @@ def _supervise(child: subprocess.Popen[bytes], lock: lockd.Lock, grace: float) -
                 timeout = min(timeout, term_at + grace - now)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(max(0.0, timeout))
-        return _shell_code(child.returncode), term_at is not None
+        return _shell_code(child.returncode), None if term_at is None else at_risk
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
