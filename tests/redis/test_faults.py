@@ -266,3 +266,36 @@ def test_holder_paused_past_its_ttl_finds_its_lock_lost_and_its_stale_write_refu
                 holder.send_signal(signal.SIGCONT)
                 holder.kill()
             holder.communicate(timeout=CHILD_TIMEOUT)
+
+
+# --- a restart that lost the counters --------------------------------------------------------
+
+
+def take_token(client: lockd.Client, name: str) -> int:
+    """Acquire and release ``name`` once (retrying while Redis comes back); the token."""
+    with client.lock(name, ttl=5, wait=10) as lock:
+        assert lock.token is not None
+        return lock.token
+
+
+def test_tokens_rise_after_a_restart_that_lost_everything() -> None:
+    with running_redis() as server, lockd.Client(server.url) as client:  # no persistence
+        before = [take_token(client, "job") for _ in range(3)]
+        server.kill()
+        server.restart()
+        after = take_token(client, "job")
+        assert after > max(before), f"token {after} after {before}: fencing went back"
+
+
+def test_tokens_rise_after_a_restart_from_an_older_snapshot() -> None:
+    with running_redis() as server, lockd.Client(server.url) as client:
+        take_token(client, "job")
+        with redis.Redis(port=server.port) as direct:
+            direct.save()  # an RDB snapshot, older than the grants below
+        issued = [take_token(client, "job") for _ in range(5)]
+        server.kill()
+        server.restart()  # loads the snapshot: the counter is back five grants
+        with redis.Redis(port=server.port) as direct:
+            assert direct.exists("lockd:{default:job}:token")
+        after = take_token(client, "job")
+        assert after > max(issued), f"token {after} after {issued}: fencing went back"

@@ -26,9 +26,9 @@ OPEN_LIMIT = 10.0
 """Seconds within which a refused open must fail (connect timeout is 5 s)."""
 
 SCRIPT_COMMANDS = (
-    "time", "incr", "get", "set", "del", "hget", "hset", "hsetnx", "hdel", "hgetall", "hlen",
-    "lindex", "lpop", "lpush", "lrange", "lrem", "pexpire", "rpush", "publish", "zadd",
-    "zrangebyscore", "zrem", "zremrangebyrank", "zscore",
+    "time", "get", "set", "del", "hget", "hset", "hsetnx", "hdel", "hgetall", "hlen",
+    "lindex", "lpop", "lpush", "lrange", "lrem", "pexpire", "pexpireat", "pttl", "rpush",
+    "publish", "zadd", "zrangebyscore", "zrem", "zremrangebyrank", "zscore",
 )  # fmt: skip
 """What lockd's Lua scripts call: Redis 7 checks those against the caller's ACL too."""
 CLIENT_COMMANDS = ("evalsha", "script|load", "ping", "subscribe", "unsubscribe", "scan", "blpop")

@@ -4,7 +4,15 @@ Layout and scripts are in :mod:`lockd.backends.redis_lua`: every operation is ON
 script that decides inside Redis (owner checks, reentrancy, limits, FIFO order, request
 ids, revocations), with Redis's own clock (``TIME``) deciding every expiry. All keys of a
 name share one hash tag (``lockd:{NAMESPACE:NAME}:...``), so a Redis Cluster keeps them in
-one slot. Tokens come from the name's ``INCR`` counter, which is never deleted.
+one slot. An idle name (no holds, no waiters) is pruned by Redis itself: every key of it
+expires the retention (``retention=``, 10 minutes by default) after its last lease or
+waiter deadline, so one-off names (one per order id) leave nothing behind, and until then
+a late release or extend of an ended hold still hears ``Revoked`` or ``LockLost``.
+Tokens: each new grant's token is above the name's last and at least Redis's clock
+(``TIME``) in microseconds. So a counter that is missing (a new or pruned name) or that
+Redis lost or restored from older data still gives a token above every earlier one of
+the name, as long as the name's grants came slower than one per microsecond and Redis's
+clock did not step back (see Clock below): fencing holds whatever Redis persists.
 
 Waiting. Each backend has an *inbox*: a pub/sub channel of its own (``lockd:wake:INBOX``),
 subscribed once, before its first blocked acquire (which waits for Redis to confirm).
@@ -25,14 +33,23 @@ pushed to a list of its own, which it pops with BLPOP, checking in the same way.
 Capabilities: ``single-node`` safety, fencing, fair, not durable, shared across
 processes. Durability depends on the Redis persistence settings, which lockd does not
 control: with ``appendonly yes`` and ``appendfsync always`` every acknowledged script is
-on disk, so holds, token counters and remembered requests survive a Redis restart and
-tokens never go back. With ``appendfsync everysec`` (the default when AOF is on) a crash
-can lose about the last second; with RDB snapshots only, everything since the last
-snapshot; with no persistence, everything. Lost writes mean tokens can be issued again
-(fencing regresses) and a lost hold can be granted to someone else while its holder
-still believes it holds it (two holders). A failover to an asynchronous replica has the
-same effect. A Redis that evicts keys (``maxmemory-policy allkeys-*``) drops locks; lockd
-logs a warning when it sees such a policy.
+on disk, so holds, token counters and remembered requests survive a Redis restart.
+With ``appendfsync everysec`` (the default when AOF is on) a crash can lose about the
+last second; with RDB snapshots only, everything since the last snapshot; with no
+persistence, everything. A lost hold can be granted to someone else while its holder
+still believes it holds it (two holders); a failover to an asynchronous replica has the
+same effect. Tokens still never repeat (above). A Redis that evicts keys
+(``maxmemory-policy allkeys-*``) drops locks; lockd logs a warning when it sees such a
+policy.
+
+Clock. Leases are measured on the Redis host's wall clock (``TIME``), the only clock a
+script can read. A step of that clock (a manual change, or NTP stepping rather than
+slewing) moves every expiry: a step forward ends every lease early, so a holder can
+lose its lock in the store while its own deadline (on its monotonic clock) still reads
+held, and another owner can be granted it (two holders); a step back makes leases last
+longer, and a token below an earlier one is possible only if the name's counter was lost
+too. Run the Redis host with a slewing time daemon. RedLock has the same caveat for each
+node (:mod:`lockd.backends.redlock`).
 """
 
 from __future__ import annotations
@@ -89,6 +106,8 @@ WAKE_PREFIX = "lockd:wake:"
 LIST_WAKE = "!"
 """An attempt id starting with this is woken by a push to its own list, not a message."""
 REQ_KEY = redis_lua.KEY_SUFFIXES.index("req")
+RETENTION = 600.0
+"""Seconds an idle name's records (last token, revocations, request ids) are kept."""
 
 
 def _glob_escape(text: str) -> str:
@@ -106,8 +125,22 @@ class RedisBackend(Backend):
         shared_across_processes=True,
     )
 
-    def __init__(self, url: str, inbox: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        inbox: str | None = None,
+        retention: float = RETENTION,
+        clock_floor: bool = True,
+    ) -> None:
+        """``retention``: seconds an idle name's records are kept. ``clock_floor``: every
+        token is at least Redis's clock in microseconds (else only a missing counter
+        starts from it, as RedLock's nodes need to keep agreeing on tokens)."""
+        number = isinstance(retention, (int, float)) and not isinstance(retention, bool)
+        if not number or not 0.001 <= retention <= 86400:
+            raise InvalidRequest(f"retention must be 0.001 to 86400 seconds, not {retention!r}")
         self.url = redact_url(url)
+        rule = "clock" if clock_floor else "missing"
+        self._argv = (WAKE_PREFIX, str(round(retention * 1000)), rule)  # every script's first
         self._target = _cluster_option(url)  # (URL for redis-py, cluster?), checked now
         self._redis: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -205,7 +238,7 @@ class RedisBackend(Backend):
         if connections is None:  # Redis Cluster: its client routes by the keys' slot
             keys = _keys(namespace, name)
             reply = await self._call(
-                lambda: self._scripts[script](keys=keys, args=[WAKE_PREFIX, *args])
+                lambda: self._scripts[script](keys=keys, args=[*self._argv, *args])
             )
         else:
             command = self._evalsha(script, namespace, name, args)
@@ -217,7 +250,7 @@ class RedisBackend(Backend):
     ) -> tuple[Any, ...]:
         """The EVALSHA command of ``script`` on ``name``'s keys (for our own connections)."""
         keys = _keys(namespace, name)
-        return ("EVALSHA", self._scripts[script].sha, len(keys), *keys, WAKE_PREFIX, *args)
+        return ("EVALSHA", self._scripts[script].sha, len(keys), *keys, *self._argv, *args)
 
     # --- the contract -----------------------------------------------------------------
 
@@ -740,7 +773,7 @@ def _delivered_grant(item: str) -> list[Any] | None:
 
 
 def _acquire_args(req: AcquireRequest, rid: str, attempt: str, mode: str) -> tuple[Any, ...]:
-    """ARGV[2:] of the ACQUIRE script."""
+    """ARGV[4:] of the ACQUIRE script."""
     ttl_ms = max(1, round(req.ttl * 1000))
     return (req.owner, rid, attempt, ttl_ms, req.limit, mode, round(WAITER_LEASE * 1000))
 
@@ -769,4 +802,7 @@ def _not_held(status: str, name: str, owner: str, token: int | None) -> LockErro
         return Revoked("the hold was force-released", name=name, owner=owner, token=token)
     if status == "lost":
         return LockLost("the hold has ended", name=name, owner=owner, token=token)
+    if status == "not_yours":
+        return NotHeld(f"token {token} of {name!r} is another owner's hold, not {owner!r}'s",
+                       name=name, owner=owner, token=token)  # fmt: skip
     return NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)

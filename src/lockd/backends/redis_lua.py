@@ -7,18 +7,44 @@ Every script receives the same eight keys, all of one name and so all with one h
 ``holds``   hash owner -> ``token|count|expires_ms|granted_ms|limit``
 ``hexp``    sorted set owner by expires_ms of the holds granted under a limit above 1
             (finds a semaphore's expired holds; a lock's one hold is read directly)
-``token``   the name's INCR counter: the last token issued; never deleted
+``token``   the name's counter: the last token issued, ``N``, or ``N+`` once ``revoked``
+            holds records (a grant then clears the owner's record)
 ``queue``   list of waiter ids (``owner<TAB>request_id``), FIFO
 ``waiters`` hash waiter id -> ``attempt|ttl_ms|enqueued_us|deadline_ms``
 ``req``     prefix of one string key per remembered request id,
-            ``req<TAB>op<TAB>owner<TAB>request_id`` -> outcome, expiring after REQ_KEEP_MS;
-            op ``acquire`` (its grant, or ``abandoned`` once abandoned) or ``release``
-``revoked`` sorted set of force-released tokens (the newest MAX_REVOKED kept)
+            ``req<TAB>op<TAB>owner<TAB>request_id`` -> outcome, expiring after the
+            retention; op ``acquire`` (its grant, or ``abandoned``) or ``release``
+``revoked`` sorted set by token of the force-released tokens (``t:TOKEN``) and of the
+            owners whose latest hold was force-released (``o:OWNER``), the newest
+            MAX_REVOKED kept
 ``limit``   the resource's holder limit if not 1, kept while it has a holder or a waiter
 ==========  =============================================================================
 
 ``granted_ms`` is when the hold was granted (both its held-for time and its
 acquired-at time come from it); ``limit`` is the limit it was granted under.
+
+Every script's ARGV[2] is the *retention* (ms), and ARGV[3] the *token rule*: ``clock``
+(one Redis: every token is at least Redis's clock in microseconds) or ``missing``
+(RedLock, whose nodes must keep agreeing on tokens: only a missing counter starts from
+the clock). Redis prunes an idle name by itself:
+every key of a name has an expiry, at least the retention after the end of the latest
+lease or waiter deadline written into it (``put_hold``, ``put_waiter``; a hold of a lock
+sets its keys' expiry exactly, a semaphore's only ever lengthens it). So an idle name's
+records (last token, revocations, remembered requests) are kept at least the retention
+after it went idle, and at most that after its last lease would have ended; then every
+key of it is gone. No key is shared by names, which Redis Cluster's one-slot rule
+forbids anyway. Pruning never lets a token repeat or go down: a missing counter (a new
+or pruned name, or one lost with Redis's data) starts from Redis's clock in
+microseconds, and with the ``clock`` rule every token is at least that, so even a
+counter restored from older data gives a token above every earlier one of the name (as
+long as its grants came slower than one per microsecond and Redis's clock did not step
+back).
+
+Release and extend judge a call that matches no live hold of its owner from the name's
+own records, first match winning (``find``): the token is another owner's live hold
+(``not_yours``); that token was force-released, or, without a token, the owner's latest
+hold of the name was (``revoked``); the token is at most the name's last (``lost``);
+otherwise ``not_held``.
 
 Time is Redis's own clock (``TIME``, allowed in scripts since Redis 5 with effects
 replication, the only mode of Redis 7); no client timestamp is ever used for expiry.
@@ -82,21 +108,24 @@ KEY_SUFFIXES = (
 _KEYS_DOC = """\
 -- KEYS[1] holds    hash owner -> token|count|expires_ms|granted_ms|limit (granted under)
 -- KEYS[2] hexp     zset owner by expires_ms, of the holds granted under a limit above 1
--- KEYS[3] token    INCR counter of the name (never deleted)
+-- KEYS[3] token    counter of the name: "N", or "N+" once KEYS[7] holds records
 -- KEYS[4] queue    list of waiter ids "owner\\trequest_id", FIFO
 -- KEYS[5] waiters  hash waiter id -> attempt|ttl_ms|enqueued_us|deadline_ms
 -- KEYS[6] req      prefix of "req\\top\\towner\\trequest_id" keys -> outcome (expiring);
 --                  op acquire (grant, or 'abandoned') or release (count left)
--- KEYS[7] revoked  zset of force-released tokens
+-- KEYS[7] revoked  zset by token of force-released tokens "t:N" and owners "o:OWNER"
 -- KEYS[8] limit    holder limit of the resource while it holds or queues, if not 1
 """
 
 PRELUDE = r"""
 local K_HOLDS, K_HEXP, K_TOKEN, K_QUEUE = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_REQ, K_LIMIT = KEYS[6], KEYS[8]
+local K_REQ, K_REVOKED, K_LIMIT = KEYS[6], KEYS[7], KEYS[8]
 -- Numbers given to redis.call are text first: string.format('%d') makes it much faster
--- than Redis's own conversion (%.17g), so the common calls pass text.
-local REQ_KEEP_MS = '600000'
+-- than Redis's own conversion (%.17g), so the common calls pass text. (Lua's own `..`
+-- writes a token as 1.7e+15: tokens are always formatted with %d.)
+local RETAIN_MS = tonumber(ARGV[2])  -- how long an idle name's records are kept
+local REQ_KEEP_MS = ARGV[2]
+local CLOCK_FLOOR = ARGV[3] == 'clock'  -- every token is at least now_us (see next_token)
 local WAKE_KEEP_MS = '60000'
 local ABANDONED = 'abandoned'  -- an acquire request's outcome once abandoned
 local clock = redis.call('TIME')
@@ -111,6 +140,31 @@ local limit_now = nil
 -- Set when something was removed whose name may keep a limit key: an idle name then
 -- deletes it. (Dropping a hold of limit 1 does not: that name has no limit key.)
 local drop_limit = false
+
+-- Whether the name has revocation records (the counter says so): nil until read.
+local records = nil
+
+-- The name's counter: its last token (nil: none, the name is new or was pruned or lost)
+-- and whether K_REVOKED holds records ("N" or "N+").
+local function read_counter()
+  local v = redis.call('GET', K_TOKEN)
+  if not v then
+    records = false
+    return nil
+  end
+  local n, mark = string.match(v, '^(%d+)(%+?)$')
+  records = mark == '+'
+  return tonumber(n)
+end
+
+-- Make `key` live at least until `at` (ms, Redis's clock) plus the retention; a key that
+-- has no expiry yet gets one. (A missing key stays missing.)
+local function keep_until(key, at)
+  local ms = string.format('%d', at + RETAIN_MS)
+  if redis.call('PEXPIREAT', key, ms, 'GT') == 0 and redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIREAT', key, ms)
+  end
+end
 
 local function parse_hold(owner, v)
   local tok, cnt, exp, gr, lim = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|(%d+)$')
@@ -130,11 +184,23 @@ local function get_hold(owner)
   return parse_hold(owner, v)
 end
 
-local function put_hold(h)
+-- Write a hold, and make every record of the name live until the retention after its
+-- expiry (`counted`: new_hold has set the counter's expiry already).
+local function put_hold(h, counted)
   redis.call('HSET', K_HOLDS, h.owner,
     string.format('%d|%d|%d|%d|%d', h.token, h.count, h.expires, h.granted, h.limit))
-  if h.limit ~= 1 then redis.call('ZADD', K_HEXP, string.format('%d', h.expires), h.owner) end
   seen[h.owner] = h
+  if h.limit == 1 then  -- the name's only hold: it alone decides
+    local at = string.format('%d', h.expires + RETAIN_MS)
+    redis.call('PEXPIREAT', K_HOLDS, at)
+    if not counted then redis.call('PEXPIREAT', K_TOKEN, at) end
+  else
+    redis.call('ZADD', K_HEXP, string.format('%d', h.expires), h.owner)
+    for _, key in ipairs({K_HOLDS, K_HEXP, K_TOKEN, K_LIMIT}) do keep_until(key, h.expires) end
+  end
+  if records ~= false then  -- made with an expiry (FORCE_RELEASE), so GT alone does
+    redis.call('PEXPIREAT', K_REVOKED, string.format('%d', h.expires + RETAIN_MS), 'GT')
+  end
 end
 
 local function del_hold(h)
@@ -149,10 +215,34 @@ local function del_hold(h)
   end
 end
 
+-- The next token of the name: above its last, and Redis's clock in microseconds when
+-- the counter is missing (a new name, one pruned after the retention, or lost with
+-- Redis's data), or with CLOCK_FLOOR at least that always (then a counter older than the
+-- tokens issued, restored from older data, still gives a higher one too). Either holds
+-- while the name's grants come slower than one a microsecond.
+local function next_token(owner, expires)
+  local last = read_counter()
+  local token = now_us
+  if last then
+    token = last + 1
+    if CLOCK_FLOOR and token < now_us then token = now_us end
+    if records then redis.call('ZREM', K_REVOKED, 'o:' .. owner) end  -- granted again
+  else
+    redis.call('DEL', K_REVOKED)  -- a name without a counter has no records
+  end
+  local v = string.format(records and '%d+' or '%d', token)
+  if expires then
+    redis.call('SET', K_TOKEN, v, 'PXAT', string.format('%d', expires + RETAIN_MS))
+  else
+    redis.call('SET', K_TOKEN, v, 'KEEPTTL')
+  end
+  return token
+end
+
 local function new_hold(owner, ttl, limit)
-  local h = {owner = owner, token = redis.call('INCR', K_TOKEN), count = 1,
-             expires = now + ttl, granted = now, limit = limit}
-  put_hold(h)
+  local h = {owner = owner, count = 1, expires = now + ttl, granted = now, limit = limit}
+  h.token = next_token(owner, limit == 1 and h.expires)
+  put_hold(h, limit == 1)
   if n_holds then n_holds = n_holds + 1 end
   return h
 end
@@ -177,7 +267,7 @@ end
 
 HELPERS = r"""
 -- Past the common case: queues, expiry, wake-ups and refusals.
-local K_WAITERS, K_REVOKED = KEYS[5], KEYS[7]
+local K_WAITERS = KEYS[5]
 local woken = {}
 local granted = {}  -- waiter id -> grant this script remembered for it
 local expired = false  -- expire() has run
@@ -209,6 +299,15 @@ end
 
 local function waiter_value(w)
   return string.format('%s|%d|%d|%d', w.attempt, w.ttl, w.enqueued, w.deadline)
+end
+
+-- Write a waiter; the queue lives until the retention after its deadline (every
+-- waiter's lease is the same, so the newest deadline is the latest).
+local function put_waiter(w)
+  redis.call('HSET', K_WAITERS, w.id, waiter_value(w))
+  local at = string.format('%d', w.deadline + RETAIN_MS)
+  redis.call('PEXPIREAT', K_WAITERS, at)
+  redis.call('PEXPIREAT', K_QUEUE, at)
 end
 
 local function del_waiter(id)
@@ -342,18 +441,25 @@ local function finish(reply)
   return reply
 end
 
--- Find the owner's live hold (matching token when one is given), or say why not.
--- Expired holds must be dropped first.
+-- Find the owner's live hold (matching token when one is given), or say why not, from
+-- this name's records only, first match winning: 'not_yours' (the token is another
+-- owner's live hold), 'revoked' (that token was force-released; without a token: this
+-- owner's latest hold here was), 'lost' (the token is one this name issued), else
+-- 'not_held'. Expired holds must be dropped first.
 local function find(owner, token)
   local h = get_hold(owner)
   if h and (token == 0 or h.token == token) then return h, nil end
-  if token ~= 0 then
-    for _, other in ipairs(all_holds()) do
-      if other.token == token then return nil, 'not_held' end
-    end
-    if redis.call('ZSCORE', K_REVOKED, token) then return nil, 'revoked' end
-    if token <= tonumber(redis.call('GET', K_TOKEN) or '0') then return nil, 'lost' end
+  if token == 0 then
+    if redis.call('ZSCORE', K_REVOKED, 'o:' .. owner) then return nil, 'revoked' end
+    return nil, 'not_held'
   end
+  for _, other in ipairs(all_holds()) do
+    if other.token == token then return nil, 'not_yours' end
+  end
+  if redis.call('ZSCORE', K_REVOKED, string.format('t:%d', token)) then
+    return nil, 'revoked'
+  end
+  if token <= (read_counter() or 0) then return nil, 'lost' end
   return nil, 'not_held'
 end
 
@@ -377,22 +483,23 @@ def _script(header: str, body: str, common_case: str = "") -> str:
 ACQUIRE = _script(
     """\
 -- lockd acquire: grant at once, queue, check in while queued, or leave the queue.
--- ARGV[1] wake-up channel prefix    ARGV[2] owner     ARGV[3] request id
--- ARGV[4] attempt id (unique per call)             ARGV[5] ttl_ms
--- ARGV[6] limit                  ARGV[7] mode: try | new | wait | leave
--- ARGV[8] waiter lease ms: a queued waiter that does not check in within it drops out
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[4] owner     ARGV[5] request id
+-- ARGV[6] attempt id (unique per call)             ARGV[7] ttl_ms
+-- ARGV[8] limit                  ARGV[9] mode: try | new | wait | leave
+-- ARGV[10] waiter lease ms: a queued waiter that does not check in within it drops out
 -- Replies: {'granted', token, count, ttl_left_ms, waited_us, limit}
 --   | {'queued', next_expiry_ms, {holder owners}} | {'denied', holders} | {'abandoned'}
 --   | {'replaced'} | {'gone', holders} | {'lost', token}
 --   | {'invalid', current_limit}
 """,
     common_case=r"""
-local owner, rid, ttl, limit = ARGV[2], ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
+local owner, rid, ttl, limit = ARGV[4], ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[8])
 local key = req_key('acquire', owner, rid)
 local rem = key and redis.call('GET', key)
 if rem == ABANDONED then return {'abandoned'} end
 n_holds = redis.call('HLEN', K_HOLDS)
-if n_holds == 0 and not rem and ARGV[7] ~= 'leave' then
+if n_holds == 0 and not rem and ARGV[9] ~= 'leave' then
   -- Nobody holds, so nobody waits, nothing expires and there is no limit key (see the
   -- invariants): a new request is granted at once.
   if limit ~= 1 then redis.call('SET', K_LIMIT, limit) end
@@ -402,7 +509,7 @@ if n_holds == 0 and not rem and ARGV[7] ~= 'leave' then
 end
 """,
     body=r"""
-local attempt, mode, lease = ARGV[4], ARGV[7], tonumber(ARGV[8])
+local attempt, mode, lease = ARGV[6], ARGV[9], tonumber(ARGV[10])
 local waiting = (mode == 'wait' or mode == 'leave')
 
 -- ms until the earliest holder expiry (-1: none) and the holders, for a queued reply
@@ -419,7 +526,7 @@ end
 local function holders_text()
   local parts = {}
   for _, h in ipairs(all_holds()) do
-    table.insert(parts, h.owner .. ' (token ' .. h.token .. ')')
+    table.insert(parts, string.format('%s (token %d)', h.owner, h.token))
   end
   if #parts == 0 then return 'nobody' end
   return table.concat(parts, ', ')
@@ -441,7 +548,7 @@ local function take_over(w)
   table.insert(woken, w.attempt)
   w.attempt = attempt
   w.deadline = now + lease
-  redis.call('HSET', K_WAITERS, w.id, waiter_value(w))
+  put_waiter(w)
   return queued()
 end
 
@@ -465,7 +572,7 @@ if waiting then
       return finish({'gone', holders_text()})
     end
     w.deadline = now + lease
-    redis.call('HSET', K_WAITERS, id, waiter_value(w))
+    put_waiter(w)
     return queued()
   end
   if w then return finish({'replaced'}) end
@@ -499,9 +606,9 @@ local w = {id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = 
 if redis.call('HSETNX', K_WAITERS, id, waiter_value(w)) == 0 then
   local queued_before = own_waiter(id)
   if queued_before then return take_over(queued_before) end
-  redis.call('HSET', K_WAITERS, id, waiter_value(w))
 end
 redis.call('RPUSH', K_QUEUE, id)
+put_waiter(w)
 return queued()
 """,
 )
@@ -509,13 +616,14 @@ return queued()
 RELEASE = _script(
     """\
 -- lockd release: drop one count of the owner's hold, then grant waiters in order.
--- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] token (0: any)
--- ARGV[4] request id ('' none)
--- Replies: {'ok', count_left} | {'not_held'} | {'lost'} | {'revoked'}
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[4] owner   ARGV[5] token (0: any)
+-- ARGV[6] request id ('' none)
+-- Replies: {'ok', count_left} | {'not_yours'} | {'revoked'} | {'lost'} | {'not_held'}
 """,
     common_case=r"""
-local owner, token = ARGV[2], tonumber(ARGV[3])
-local key = req_key('release', owner, ARGV[4])
+local owner, token = ARGV[4], tonumber(ARGV[5])
+local key = req_key('release', owner, ARGV[6])
 local rem = key and redis.call('GET', key)
 if rem then return {'ok', tonumber(rem)} end
 -- The common case: the owner's own live hold (with its token, if one is given). Other
@@ -554,12 +662,13 @@ return finish({'ok', left})
 EXTEND = _script(
     """\
 -- lockd extend: make the owner's hold last ttl_ms from now (Redis's clock).
--- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] token (0: any)   ARGV[4] ttl_ms
--- Replies: {'granted', token, count, ttl_left_ms, 0, limit} | {'not_held'} | {'lost'}
---   | {'revoked'}
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[4] owner   ARGV[5] token (0: any)   ARGV[6] ttl_ms
+-- Replies: {'granted', token, count, ttl_left_ms, 0, limit} | {'not_yours'} | {'revoked'}
+--   | {'lost'} | {'not_held'}
 """,
     r"""
-local owner, token, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local owner, token, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 touch()
 local h, why = find(owner, token)
 if not h then return finish({why}) end
@@ -573,11 +682,12 @@ ABANDON = _script(
     """\
 -- lockd abandon: undo acquire request_id whose caller has gone, whatever it reached:
 -- leave the queue, release a grant once, or refuse the request when it arrives.
--- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] request id
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[4] owner   ARGV[5] request id
 -- Replies: {'ok'}
 """,
     r"""
-local owner, rid = ARGV[2], ARGV[3]
+local owner, rid = ARGV[4], ARGV[5]
 local key = req_key('acquire', owner, rid)
 local rem = key and redis.call('GET', key)
 if rem == ABANDONED then return {'ok'} end
@@ -607,23 +717,34 @@ return finish({'ok'})
 FORCE_RELEASE = _script(
     """\
 -- lockd force_release: evict every holder (or one owner); their tokens are revoked.
--- ARGV[1] wake-up channel prefix   ARGV[2] owner ('' : every holder)
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[4] owner ('' : every holder)
 -- Replies: {'ok', {owner, token, count, ttl_left_ms, held_for_ms, acquired_at_ms}...}
 """,
     r"""
-local only = ARGV[2]
-local MAX_REVOKED = 1000
+local only = ARGV[4]
+local MAX_REVOKED = 1000  -- records (tokens and owners) kept per name, the newest
 touch()
 local evicted = {}
 for _, h in ipairs(all_holds()) do
   if only == '' or h.owner == only then
     del_hold(h)
-    redis.call('ZADD', K_REVOKED, h.token, h.token)
+    local tok = string.format('%d', h.token)
+    redis.call('ZADD', K_REVOKED, tok, 't:' .. tok, tok, 'o:' .. h.owner)
     table.insert(evicted, {h.owner, h.token, h.count, h.expires - now, now - h.granted,
                            h.granted})
   end
 end
-redis.call('ZREMRANGEBYRANK', K_REVOKED, 0, -(MAX_REVOKED + 1))
+if #evicted > 0 then
+  redis.call('ZREMRANGEBYRANK', K_REVOKED, 0, -(MAX_REVOKED + 1))
+  local last = read_counter()
+  if last and not records then  -- mark the counter: grants now clear owners' records
+    redis.call('SET', K_TOKEN, string.format('%d+', last), 'KEEPTTL')
+  end
+  local horizon = now  -- the records live as long as the holds left, and then retention
+  for _, h in pairs(seen) do horizon = math.max(horizon, h.expires) end
+  keep_until(K_REVOKED, horizon)
+end
 settle()
 return finish({'ok', evicted})
 """,
@@ -632,7 +753,7 @@ return finish({'ok', evicted})
 INSPECT = _script(
     """\
 -- lockd inspect: holders, live waiters in order, limit and last token of one name.
--- ARGV[1] wake-up channel prefix
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
 -- Replies: {'ok', limit, last_token, {{owner, token, count, ttl_left_ms, held_for_ms,
 --   acquired_at_ms}...}, {{owner, waited_us}...}}
 """,
@@ -648,8 +769,7 @@ for _, id in ipairs(redis.call('LRANGE', K_QUEUE, 0, -1)) do
   local w = get_waiter(id)
   if w and w.deadline > now then table.insert(waiters, {w.owner, now_us - w.enqueued}) end
 end
-local last = tonumber(redis.call('GET', K_TOKEN) or '0')
-return finish({'ok', current_limit(), last, holders, waiters})
+return finish({'ok', current_limit(), read_counter() or 0, holders, waiters})
 """,
 )
 
@@ -657,20 +777,24 @@ RAISE = _script(
     """\
 -- lockd raise (RedLock): give the owner's hold the token a majority of nodes agreed on,
 -- and lift the counter to it, so every later grant on this node gets a higher token.
--- ARGV[1] wake-up channel prefix   ARGV[2] owner   ARGV[3] token this node granted
--- ARGV[4] agreed token (higher)   ARGV[5] request id of the acquire
+-- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[4] owner   ARGV[5] token this node granted
+-- ARGV[6] agreed token (higher)   ARGV[7] request id of the acquire
 -- Replies: {'ok'} | {'not_held'}
 """,
     r"""
-local owner, old, new = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local owner, old, new = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 touch()
 local h = get_hold(owner)
 if h and h.token == new then return finish({'ok'}) end
 if not h or h.token ~= old then return finish({'not_held'}) end
-if tonumber(redis.call('GET', K_TOKEN) or '0') < new then redis.call('SET', K_TOKEN, new) end
+local last = read_counter()
+if (last or 0) < new then
+  redis.call('SET', K_TOKEN, string.format(records and '%d+' or '%d', new), 'KEEPTTL')
+end
 h.token = new
 put_hold(h)
-local key = req_key('acquire', owner, ARGV[5])
+local key = req_key('acquire', owner, ARGV[7])
 local rem = key and redis.call('GET', key)
 if rem then  -- an abandoned request stays abandoned (parse_grant gives no token)
   local tok, waited, att = parse_grant(rem)

@@ -169,10 +169,15 @@ class RedlockBackend(Backend):
         shared_across_processes=True,
     )
 
-    def __init__(self, url: str, node_urls: list[str]) -> None:
+    def __init__(
+        self, url: str, node_urls: list[str], retention: float = redis_backend.RETENTION
+    ) -> None:
+        """``retention``: seconds an idle name's records are kept on each node."""
         self.url = url
         inbox = uuid.uuid4().hex  # one inbox on every node: one attempt id serves them all
-        self._nodes = [RedisBackend(u, inbox) for u in node_urls]
+        # Tokens start from a node's clock only when its counter is missing: the nodes'
+        # clocks differ, and a clock floor on every grant would make them disagree always.
+        self._nodes = [RedisBackend(u, inbox, retention, clock_floor=False) for u in node_urls]
         self._majority = len(self._nodes) // 2 + 1
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # request id -> its last round
         self._abandoned: OrderedDict[str, None] = OrderedDict()
@@ -636,7 +641,9 @@ class RedlockBackend(Backend):
                 f"{len(replies)} nodes; {need} are needed"
             )
         statuses = {r[0] for r in replies.values() if isinstance(r, list)}
-        for status in ("revoked", "lost", "not_held"):
+        # The nodes judged by the same rules; the first rule any node matched wins, as on
+        # one node ('not_yours': the token is another owner's live hold there).
+        for status in ("not_yours", "revoked", "lost", "not_held"):
             if status in statuses:
                 return _not_held(status, name, owner, token)
         return LockLost(f"the hold of {name!r} is on too few nodes", name=name, owner=owner,

@@ -1,0 +1,153 @@
+"""One-off lock names leave nothing behind in Redis once the retention has passed.
+
+Each name of the growth run is used once, as a lock per order id would be: released,
+left to expire (a crashed holder), force-released, shared by a semaphore, or waited for
+by a waiter that gave up. With a short retention, every per-name key is gone soon after
+the last lease ends, and a pruned name's next token is still above its last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import redis
+from lockd import AcquireTimeout, LockLost, NotHeld, Revoked
+from lockd.backends.redis import RedisBackend
+from lockd.backends.redlock import RedlockBackend
+from tests.redisproc import RedisProcess, running_redis, running_redis_nodes
+
+NS = "default"
+TTL = 0.1  # the shortest ttl there is
+RETENTION = 0.2
+NAMES = 3000
+PRUNED = TTL + RETENTION + 0.1
+"""Seconds after the last call by which every key of an idle name has expired."""
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisProcess]:
+    """One redis-server for this module's tests."""
+    with running_redis() as s:
+        yield s
+
+
+@pytest.fixture
+async def backend(server: RedisProcess) -> AsyncIterator[RedisBackend]:
+    """A redis backend with a short retention, on an emptied Redis."""
+    with redis.Redis(port=server.port) as direct:
+        direct.flushall()
+    b = RedisBackend(server.url, retention=RETENTION)
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+def live_keys(port: int) -> list[str]:
+    """Every live key (SCAN skips keys whose expiry has passed)."""
+    with redis.Redis(port=port, decode_responses=True) as direct:
+        return list(direct.scan_iter(match="lockd:*", count=1000))
+
+
+async def use_once(b: RedisBackend, i: int) -> None:
+    """Use name ``order:i`` once, one of five ways."""
+    name, kind = f"order:{i}", i % 5
+    if kind == 0:  # acquired and released
+        grant = await b.acquire(NS, name, "a", ttl=TTL, wait=0, request_id=f"r{i}")
+        await b.release(NS, name, "a", grant.token, request_id=f"q{i}")
+    elif kind == 1:  # a crashed holder: never released
+        await b.acquire(NS, name, "a", ttl=TTL, wait=0, request_id=f"r{i}")
+    elif kind == 2:  # force-released by an administrator
+        await b.acquire(NS, name, "a", ttl=TTL, wait=0)
+        await b.force_release(NS, name)
+    elif kind == 3:  # a semaphore: one holder releases, the other is left to expire
+        grant = await b.acquire(NS, name, "a", ttl=TTL, wait=0, limit=2)
+        await b.acquire(NS, name, "b", ttl=TTL * 2, wait=0, limit=2)
+        await b.release(NS, name, "a", grant.token)
+    elif i % 50 == 4:  # a waiter that gave up (fewer: each waits a little)
+        await b.acquire(NS, name, "a", ttl=TTL, wait=0)
+        with contextlib.suppress(AcquireTimeout):  # granted if a's hold ended meanwhile
+            await b.acquire(NS, name, "b", ttl=TTL, wait=0.02, request_id=f"w{i}")
+    else:  # extended, then released without a token
+        await b.acquire(NS, name, "a", ttl=TTL, wait=0)
+        await b.extend(NS, name, "a", None, TTL * 2)
+        await b.release(NS, name, "a", None)
+
+
+async def test_one_off_names_leave_no_keys_after_the_retention(
+    backend: RedisBackend, server: RedisProcess
+) -> None:
+    for start in range(0, NAMES, 100):
+        await asyncio.gather(*(use_once(backend, i) for i in range(start, start + 100)))
+        if start == 0:  # records are kept for a while (the retention)
+            assert len(live_keys(server.port)) > 100
+    await asyncio.sleep(PRUNED + TTL)  # the semaphore's second hold has ttl 2 x TTL
+    assert live_keys(server.port) == []
+
+
+async def test_a_held_name_keeps_its_keys_past_the_retention(
+    backend: RedisBackend, server: RedisProcess
+) -> None:
+    grant = await backend.acquire(NS, "long", "a", ttl=PRUNED * 3, wait=0)
+    await asyncio.sleep(PRUNED)
+    info = await backend.inspect(NS, "long")
+    assert [(h.owner, h.token) for h in info.holders] == [("a", grant.token)]
+    assert await backend.release(NS, "long", "a", grant.token) == 0
+
+
+async def test_a_pruned_name_still_gets_a_higher_token(
+    backend: RedisBackend, server: RedisProcess
+) -> None:
+    tokens = []
+    for _ in range(3):
+        grant = await backend.acquire(NS, "again", "a", ttl=TTL, wait=0)
+        tokens.append(grant.token)
+        await backend.release(NS, "again", "a", grant.token)
+        await asyncio.sleep(PRUNED)
+        assert live_keys(server.port) == []
+    assert tokens == sorted(set(tokens))
+    assert (await backend.inspect(NS, "again")).last_token == 0  # pruned: forgotten
+
+
+async def test_a_late_release_hears_why_until_the_name_is_pruned(
+    backend: RedisBackend,
+) -> None:
+    evicted = await backend.acquire(NS, "late", "a", ttl=TTL, wait=0)
+    await backend.force_release(NS, "late")
+    ended = await backend.acquire(NS, "late2", "a", ttl=TTL, wait=0)
+    await asyncio.sleep(TTL)  # late2's hold expires; both names are idle now
+    with pytest.raises(Revoked):
+        await backend.release(NS, "late", "a", evicted.token)
+    with pytest.raises(Revoked):
+        await backend.release(NS, "late", "a", None)
+    with pytest.raises(LockLost):
+        await backend.release(NS, "late2", "a", ended.token)
+    await asyncio.sleep(PRUNED)
+    for name, token in (("late", evicted.token), ("late", None), ("late2", ended.token)):
+        with pytest.raises(NotHeld):  # pruned: still an error, and nothing changes
+            await backend.release(NS, name, "a", token)
+
+
+async def test_redlock_nodes_prune_too() -> None:
+    with running_redis_nodes(3) as nodes:
+        urls = [s.url for s in nodes]
+        b = RedlockBackend("redlock://test", urls, retention=RETENTION)
+        await b.open()
+        try:
+            first = await b.acquire(NS, "rl", "a", ttl=TTL * 2, wait=0)
+            await b.release(NS, "rl", "a", first.token)
+            await b.acquire(NS, "rl-crashed", "a", ttl=TTL, wait=0)
+            started = time.monotonic()
+            while any(live_keys(s.port) for s in nodes):
+                assert time.monotonic() - started < PRUNED + TTL + 1, "keys left behind"
+                await asyncio.sleep(0.05)
+            second = await b.acquire(NS, "rl", "a", ttl=TTL, wait=0)
+            assert second.token > first.token
+        finally:
+            await b.aclose()
