@@ -7,6 +7,7 @@ through its public API; ``observer`` looks at the store itself, never cut.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -15,10 +16,12 @@ import lockd
 from lockd import LockState
 from tests.faults import (
     KINDS,
+    OUTAGE,
     SLACK,
     TTL,
     Outage,
     assert_live,
+    background,
     holder_of,
     lose_in_outage,
     wait_until,
@@ -95,3 +98,120 @@ def test_lost_comes_before_the_store_lets_anyone_else_in(
     assert lock.lost.is_set()
     outage.restore()
     rival.release()
+
+
+def test_an_acquire_that_waits_out_an_outage_is_live(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    lock = client.lock(name, ttl=TTL, wait=10, owner="me")
+    outage.cut()
+    with background(lock.acquire) as acquired:
+        time.sleep(OUTAGE)  # the acquire keeps trying for longer than the ttl
+        outage.restore()
+        acquired.result(10)
+    assert_live(lock, observer)
+    lock.release()
+    assert holder_of(observer, name) is None
+
+
+def test_no_orphan_hold_or_stale_reentry_after_an_outage(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    lock = client.lock(name, ttl=TTL, wait=10, owner="me")
+    outage.cut()
+    with background(lock.acquire) as acquired:
+        time.sleep(OUTAGE)
+        outage.restore()
+        acquired.result(10)
+    token = lock.token
+    with contextlib.suppress(lockd.LockLost):
+        lock.release()
+    again = client.lock(name, ttl=TTL, owner="me")
+    again.acquire(wait=5)
+    seen = holder_of(observer, name)
+    assert seen is not None and seen[2] == 1, seen  # never count 2 on a hold given up on
+    assert again.count == 1
+    if again.token == token:
+        assert lock.state is LockState.RELEASED  # the same hold, released properly before
+    again.release()
+    assert holder_of(observer, name) is None
+    assert observer.lock(name, ttl=TTL).try_acquire()  # another client gets it at once
+
+
+def test_a_release_cut_off_does_not_stay_held(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    lock = client.lock(name, ttl=TTL)
+    lock.acquire()
+    outage.cut()
+    with pytest.raises(lockd.BackendUnavailable):
+        lock.release()
+    assert lock.state in (LockState.LOST, LockState.RELEASED), lock.state
+    outage.restore()
+    waited = wait_until(lambda: holder_of(observer, name) is None, TTL + SLACK)
+    assert waited <= TTL + SLACK  # nothing renews it
+    assert lock.state in (LockState.LOST, LockState.RELEASED), lock.state
+    assert observer.lock(name, ttl=TTL).try_acquire()
+
+
+def test_a_loss_raises_once_then_acquire_gets_a_new_hold(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    lock = client.lock(name, ttl=TTL, wait=5)
+    lock.acquire()
+    old = lock.token
+    lose_in_outage(outage, lock)
+    with pytest.raises(lockd.LockLost):
+        lock.acquire()
+    lock.acquire()  # queues for a new hold
+    assert lock.token is not None and old is not None and lock.token > old
+    assert_live(lock, observer)
+    lock.release()
+
+
+def test_a_with_block_after_a_loss_in_a_nested_hold_raises_once(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    lock = client.lock(name, ttl=TTL, wait=5)
+    lock.acquire()
+    lock.acquire()  # nested: count 2
+    lose_in_outage(outage, lock)
+    raised = 0
+    for _ in range(5):
+        try:
+            with lock:
+                pass
+        except lockd.LockLost:
+            raised += 1
+    assert raised == 1
+    assert holder_of(observer, name) is None
+
+
+def test_a_hold_given_up_during_an_outage_does_not_raise_on_every_later_block(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    """The run that saw 362 LockLost raises, step by step: a grant that reads lost when
+    it arrives leaves an orphan the next acquire re-enters (the SDK then counts 2 where
+    the caller nested once), and a later loss leaves a count no ``with`` block unwinds."""
+    lock = client.lock(name, ttl=TTL, wait=5, owner="me")
+    outage.cut()
+    with background(lock.acquire) as acquired:
+        time.sleep(OUTAGE)
+        outage.restore()
+        acquired.result(10)
+    with contextlib.suppress(lockd.LockLost), lock:
+        pass
+    with contextlib.suppress(lockd.LockLost), lock:
+        pass
+    outage.cut()
+    time.sleep(OUTAGE)
+    outage.restore()
+    raised = 0
+    for _ in range(5):
+        try:
+            with lock:
+                pass
+        except lockd.LockLost:
+            raised += 1
+    assert raised <= 1
+    assert holder_of(observer, name) is None
