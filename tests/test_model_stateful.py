@@ -1,5 +1,8 @@
 """Model-based tests: the memory and file backends, driven directly, against a pure model.
 
+(At the end: ``ConcurrentMachine``, several owners at once on the memory store, with
+acquires left waiting across steps, timeouts, cancellations, abandons and retries.)
+
 A hypothesis state machine per backend tries acquires (``wait=0``), releases, extends,
 force-releases, retries of earlier requests (same request id), reads, and moves a fake
 store clock by hand; the file machine also restarts its store (``aclose`` and reopen of
@@ -482,3 +485,224 @@ async def test_file_restart_never_shortens_a_reentered_hold(tmp_path: Path) -> N
             await store.acquire(NS, "a", "o2", ttl=1.0, wait=0)
     finally:
         await store.aclose()
+
+
+# --- several owners at once: waits, timeouts, cancellations, abandons, retries ----------------
+
+CNAMES = {"a": 1, "s": 2}
+"""A lock and a semaphore of two."""
+COWNERS = ["o1", "o2", "o3", "o4"]
+MODES = {"now": 0.0, "wait": None, "short": 0.01}
+"""An acquire's wait: try once, wait without end, or a wait that ends at the next
+``let_waits_end`` (real time: the store's clock is the fake one, a wait is the loop's)."""
+
+
+@dataclass
+class Attempt:
+    """One acquire as its caller sees it."""
+
+    name: str
+    owner: str
+    rid: str
+    task: asyncio.Task[Grant]
+    queued: bool = False
+    """Still waiting after the step that started it (so it joined the queue)."""
+    outcome: Grant | BaseException | None = None
+    abandoned: bool = False
+
+
+class ConcurrentMachine(RuleBasedStateMachine):
+    """Several owners on the memory store at once, acquires left running across steps.
+
+    The test knows what each caller was told (grants, counts left) and checks after every
+    step that the store holds exactly that (so nothing granted was lost and no retry
+    applied twice), that no name has more holders than its limit, that each name's new
+    tokens rise, and that no waiter was granted while one queued before it still waited.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sweep_interval = memory_module.SWEEP_INTERVAL
+        memory_module.SWEEP_INTERVAL = 1e9
+        self.clock = FakeClock()
+        self.runner = asyncio.Runner()
+        self.backend = MemoryBackend("memory://concurrent", clock=self.clock)
+        self.attempts: list[Attempt] = []
+        self.believed: dict[tuple[str, str], tuple[int, int, float]] = {}
+        """(name, owner) -> (token, count, expires) as the callers were told."""
+        self.tokens: dict[str, list[int]] = {n: [] for n in CNAMES}
+        self.rid_seq = 0
+
+    def teardown(self) -> None:
+        try:
+            for attempt in self.attempts:
+                attempt.task.cancel()
+            self.spin()
+            self.runner.run(self.backend.aclose())
+        finally:
+            self.runner.close()
+            memory_module.SWEEP_INTERVAL = self._sweep_interval
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def spin(self, seconds: float = 0.0) -> None:
+        """Let the loop run every step that is ready (and ``seconds`` of real time)."""
+
+        async def run() -> None:
+            if seconds:
+                await asyncio.sleep(seconds)
+            for _ in range(8):
+                await asyncio.sleep(0)
+
+        self.runner.run(run())
+        self.collect()
+
+    def collect(self) -> None:
+        """Record what finished attempts were told, in the order the store granted them."""
+        now = self.clock.now
+        finished = [a for a in self.attempts if a.outcome is None and a.task.done()]
+        granted: list[Attempt] = []
+        for attempt in finished:
+            task = attempt.task
+            attempt.outcome = task.exception() if not task.cancelled() else asyncio.CancelledError()
+            if attempt.outcome is None:
+                attempt.outcome = task.result()
+                granted.append(attempt)
+        for attempt in sorted(granted, key=self._token):
+            grant = attempt.outcome
+            assert isinstance(grant, Grant)
+            if attempt.queued:  # FIFO: nobody queued before it on this name still waits
+                before = self.attempts[: self.attempts.index(attempt)]
+                waiting = [b.owner for b in before if b.name == attempt.name and b.queued
+                           and b.outcome is None]  # fmt: skip
+                assert not waiting, f"{attempt.owner} was granted before {waiting} queued earlier"
+            old = self.believed.get((attempt.name, attempt.owner))
+            if old is None or old[2] <= now or old[0] != grant.token:
+                self.tokens[attempt.name].append(grant.token)
+            self.believed[(attempt.name, attempt.owner)] = (grant.token, grant.count,
+                                                           now + grant.ttl)  # fmt: skip
+        for attempt in finished:
+            if isinstance(attempt.outcome, LockError):
+                assert isinstance(attempt.outcome, AcquireTimeout), attempt.outcome
+
+    @staticmethod
+    def _token(attempt: Attempt) -> int:
+        assert isinstance(attempt.outcome, Grant)
+        return attempt.outcome.token
+
+    def live(self) -> dict[tuple[str, str], tuple[int, int, float]]:
+        now = self.clock.now
+        self.believed = {k: v for k, v in self.believed.items() if v[2] > now}
+        return self.believed
+
+    # --- rules ----------------------------------------------------------------------------
+
+    @rule(name=st.sampled_from(sorted(CNAMES)), owner=st.sampled_from(COWNERS), ttl=ttls,
+          mode=st.sampled_from(sorted(MODES)))  # fmt: skip
+    def acquire(self, name: str, owner: str, ttl: float, mode: str) -> None:
+        self.rid_seq += 1
+        rid = f"c-{self.rid_seq}"
+        coro = self.backend.acquire(NS, name, owner, ttl=ttl, wait=MODES[mode],
+                                    limit=CNAMES[name], request_id=rid)  # fmt: skip
+        attempt = Attempt(name, owner, rid, self.runner.get_loop().create_task(coro))
+        self.attempts.append(attempt)
+        self.spin()
+        attempt.queued = attempt.outcome is None
+
+    @precondition(lambda self: bool(self.live()))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        (name, owner), (token, count, expires) = data.draw(
+            st.sampled_from(sorted(self.live().items()))
+        )
+        left = self.runner.run(self.backend.release(NS, name, owner, token))
+        assert left == count - 1
+        if left:
+            self.believed[(name, owner)] = (token, left, expires)
+        else:
+            del self.believed[(name, owner)]
+        self.spin()
+
+    @rule()
+    def let_waits_end(self) -> None:
+        self.spin(seconds=0.02)
+
+    @precondition(lambda self: any(a.outcome is None for a in self.attempts))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        """A waiting caller is cancelled (Ctrl-C, a task cancelled)."""
+        attempt = data.draw(st.sampled_from([a for a in self.attempts if a.outcome is None]))
+        attempt.task.cancel()
+        self.spin()
+
+    @precondition(lambda self: bool(self.attempts))
+    @rule(data=st.data())
+    def abandon(self, data: st.DataObject) -> None:
+        """A caller that cannot know what its acquire reached abandons its request id."""
+        attempt = data.draw(st.sampled_from(self.attempts))
+        granted = isinstance(attempt.outcome, Grant) and not attempt.abandoned
+        self.runner.run(self.backend.abandon(NS, attempt.name, attempt.owner, attempt.rid))
+        attempt.abandoned = True
+        self.spin()
+        key = (attempt.name, attempt.owner)
+        held = self.live().get(key)
+        given_back = isinstance(attempt.outcome, Grant) and granted and held is not None
+        if given_back and held is not None and held[0] == self._token(attempt):  # once
+            token, count, expires = held
+            if count > 1:
+                self.believed[key] = (token, count - 1, expires)
+            else:
+                del self.believed[key]
+
+    @precondition(lambda self: any(isinstance(a.outcome, Grant) for a in self.attempts))
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        """A granted acquire sent again with its request id: applied once."""
+        attempt = data.draw(st.sampled_from([a for a in self.attempts
+                                             if isinstance(a.outcome, Grant)]))  # fmt: skip
+        got = self.call_acquire(attempt)
+        held = self.live().get((attempt.name, attempt.owner))
+        assert isinstance(attempt.outcome, Grant)
+        if attempt.abandoned:
+            assert isinstance(got, AcquireTimeout), got
+        elif held is not None and held[0] == attempt.outcome.token:
+            assert isinstance(got, Grant), got
+            assert (got.token, got.count) == held[:2], (got, held)
+        else:
+            assert isinstance(got, LockLost), got
+
+    def call_acquire(self, attempt: Attempt) -> Grant | LockError:
+        coro = self.backend.acquire(NS, attempt.name, attempt.owner, ttl=1.0, wait=0,
+                                    limit=CNAMES[attempt.name], request_id=attempt.rid)  # fmt: skip
+        try:
+            return self.runner.run(coro)
+        except LockError as exc:
+            return exc
+        finally:
+            self.spin()
+
+    @rule(step=st.sampled_from(STEPS))
+    def advance_time(self, step: float) -> None:
+        self.clock.now += step
+        self.runner.run(self.backend.sweep())
+        self.spin()
+
+    # --- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def the_store_holds_what_callers_were_told(self) -> None:
+        for name, limit in CNAMES.items():
+            info = self.runner.run(self.backend.inspect(NS, name))
+            got = sorted((h.owner, h.token, h.count) for h in info.holders)
+            want = sorted((o, t, c) for (n, o), (t, c, _) in self.live().items() if n == name)
+            assert got == want, f"{name!r}: the store holds {got}, callers were told {want}"
+            assert len(got) <= limit
+
+    @invariant()
+    def new_tokens_rise_per_name(self) -> None:
+        for name, seen in self.tokens.items():
+            assert all(a < b for a, b in itertools.pairwise(seen)), (name, seen)
+
+
+TestConcurrentModel = ConcurrentMachine.TestCase
+TestConcurrentModel.settings = settings(SETTINGS, max_examples=50)  # real sleeps: keep it short
