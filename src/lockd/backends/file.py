@@ -170,6 +170,8 @@ class FileBackend(LocalBackend):
         self._readers: list[OnDurable] = []
         """Answers waiting only for the batch being written."""
         self._writing = False
+        self._answering = False
+        """The batch being written is durable; its steps are being answered."""
         self._drained = asyncio.Event()
         self._drained.set()
         self._log_end = 0
@@ -253,7 +255,7 @@ class FileBackend(LocalBackend):
             raise BackendUnavailable(f"{self.url} is not open (await open() first)")
 
     def _unwritten(self) -> bool:
-        return self._writing or bool(self._batch)
+        return bool(self._batch) or (self._writing and not self._answering)
 
     def _persist(self, changes: Changes | None, on_durable: OnDurable) -> None:
         """Queue ``changes`` for the next transaction; ``on_durable`` runs at its commit.
@@ -301,11 +303,12 @@ class FileBackend(LocalBackend):
         if failure is not None and self._failure is None:
             self._out_of_service(failure)
         readers, self._readers = self._readers, []
+        self._answering = True
         for _, on_durable in batch:
             on_durable(failure)  # steps these run (give-backs) join the next batch
         for on_durable in readers:
             on_durable(failure)
-        self._writing = False
+        self._answering = self._writing = False
         if self._batch:
             self._write_next()
         else:
