@@ -38,8 +38,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import lockd.backends.memory as memory_module
 from lockd.backends.file import FileBackend
 from lockd.backends.memory import LocalBackend, MemoryBackend
-from lockd.errors import AcquireTimeout, InvalidRequest, LockError, LockLost, NotHeld, Revoked
+from lockd.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    LockError,
+    LockLost,
+    NotHeld,
+    Revoked,
+)
 from lockd.model import Grant
+from tests.faults.filewriter import Gate
 
 T = TypeVar("T")
 
@@ -526,12 +535,15 @@ class ConcurrentMachine(RuleBasedStateMachine):
         memory_module.SWEEP_INTERVAL = 1e9
         self.clock = FakeClock()
         self.runner = asyncio.Runner()
-        self.backend = MemoryBackend("memory://concurrent", clock=self.clock)
+        self.backend: LocalBackend = self.open()
         self.attempts: list[Attempt] = []
         self.believed: dict[tuple[str, str], tuple[int, int, float]] = {}
         """(name, owner) -> (token, count, expires) as the callers were told."""
         self.tokens: dict[str, list[int]] = {n: [] for n in CNAMES}
         self.rid_seq = 0
+
+    def open(self) -> LocalBackend:
+        return MemoryBackend("memory://concurrent", clock=self.clock)
 
     def teardown(self) -> None:
         try:
@@ -551,11 +563,15 @@ class ConcurrentMachine(RuleBasedStateMachine):
         async def run() -> None:
             if seconds:
                 await asyncio.sleep(seconds)
-            for _ in range(8):
-                await asyncio.sleep(0)
+            await self.quiet()
 
         self.runner.run(run())
         self.collect()
+
+    async def quiet(self) -> None:
+        """Return once the store has nothing more to do without a new call."""
+        for _ in range(8):
+            await asyncio.sleep(0)
 
     def collect(self) -> None:
         """Record what finished attempts were told, in the order the store granted them."""
@@ -583,7 +599,9 @@ class ConcurrentMachine(RuleBasedStateMachine):
                                                            now + grant.ttl)  # fmt: skip
         for attempt in finished:
             if isinstance(attempt.outcome, LockError):
-                assert isinstance(attempt.outcome, AcquireTimeout), attempt.outcome
+                assert isinstance(attempt.outcome, AcquireTimeout | BackendUnavailable), (
+                    attempt.outcome
+                )
 
     @staticmethod
     def _token(attempt: Attempt) -> int:
@@ -704,5 +722,62 @@ class ConcurrentMachine(RuleBasedStateMachine):
             assert all(a < b for a, b in itertools.pairwise(seen)), (name, seen)
 
 
+class ConcurrentFileMachine(ConcurrentMachine):
+    """The same on the file store, with outages: a write fails (a full disk), the store
+    goes out of service, and it is opened again. What callers were told must survive."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="lockd-concurrent-")
+        self.gate = Gate()
+        try:
+            super().__init__()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def open(self) -> LocalBackend:
+        self.gate = Gate()
+        backend = FileBackend(self.dir, clock=self.clock, sync="normal", gate=self.gate)
+        self.runner.run(backend.open())
+        return backend
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def quiet(self) -> None:
+        """Also wait for the writer: each step is answered only once it is on disk."""
+        assert isinstance(self.backend, FileBackend)
+        for _ in range(1000):
+            await super().quiet()
+            if self.backend._drained.is_set():
+                return
+            await self.backend._drained.wait()
+        raise AssertionError("the file store never went quiet")
+
+    @rule(name=st.sampled_from(sorted(CNAMES)), owner=st.sampled_from(COWNERS))
+    def outage(self, name: str, owner: str) -> None:
+        """The next write fails: everyone still waiting hears BackendUnavailable, then a
+        restart brings back every hold a caller was told of (with at least what it had left)."""
+        self.gate.fail()
+        self.acquire(name, owner, 1.0, "now")
+        for attempt in self.attempts:
+            if attempt.outcome is None:
+                assert attempt.task.done(), f"{attempt.owner} still waits on a failed store"
+        self.runner.run(self.backend.aclose())
+        self.backend = self.open()
+        now = self.clock.now
+        for (n, o), (token, count, expires) in self.live().items():
+            info = self.runner.run(self.backend.inspect(NS, n))
+            (held,) = [h for h in info.holders if h.owner == o]
+            assert (held.token, held.count) == (token, count)
+            assert held.ttl_left >= expires - now
+            self.believed[(n, o)] = (token, count, now + held.ttl_left)
+
+
 TestConcurrentModel = ConcurrentMachine.TestCase
 TestConcurrentModel.settings = settings(SETTINGS, max_examples=50)  # real sleeps: keep it short
+TestConcurrentFileModel = ConcurrentFileMachine.TestCase
+TestConcurrentFileModel.settings = settings(SETTINGS, max_examples=30)
