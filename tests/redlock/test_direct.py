@@ -9,15 +9,20 @@ on every node.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 import lockd
 from lockd._runtime import runtime
+from lockd.backends import redis as redis_backend
+from lockd.backends.base import AcquireRequest
 from lockd.backends.redis import RedisBackend
+from lockd.backends.redlock import RedlockBackend
 from tests.conformance.helpers import NS
 from tests.interrupts import ctrl_c_after, io_loop_blocked
 from tests.redisproc import RedisProcess
@@ -164,3 +169,51 @@ def test_a_node_left_out_of_a_grant_forgets_the_request(
         lock.release()
     finally:
         runtime().submit(other.aclose()).result(5)
+
+
+# --- one owner at a time for the state the loop and callers' threads share ---------------
+
+
+def test_a_direct_acquire_waits_its_turn_at_the_request_tables(
+    redlock_nodes: list[RedisProcess],
+) -> None:
+    backend = RedlockBackend(redlock_url(redlock_nodes), [n.url for n in redlock_nodes])
+    runtime().submit(backend.open()).result(5)
+    try:
+        direct = backend.direct
+        assert direct is not None
+        req = AcquireRequest(NS, "tables", "a", ttl=5, wait=0, limit=1, request_id="r1")
+        granted: list[lockd.Grant] = []
+        with backend._tables:  # as the loop holds them while it changes them
+            worker = threading.Thread(target=lambda: granted.append(direct.acquire(req)))
+            worker.start()
+            worker.join(0.3)
+            assert worker.is_alive(), "the caller's thread changed the tables meanwhile"
+            assert "r1" not in backend._rounds
+        worker.join(5)
+        assert granted, "the direct acquire did not go on once the tables were free"
+        release = backend.release(NS, "tables", "a", granted[0].token)
+        assert runtime().submit(release).result(5) == 0
+    finally:
+        runtime().submit(backend.aclose()).result(5)
+
+
+def test_a_wake_up_for_an_attempt_forgotten_meanwhile_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop's reader handles a node's wake-up while a caller's thread forgets that
+    attempt (its direct acquire ended): the grant must not be kept for nobody."""
+    node = RedisBackend("redis://127.0.0.1:1/0")  # its wake-up tables only: never opened
+    node.watch("inbox.1", asyncio.Event())
+    parse = redis_backend._delivered_grant
+
+    def forgotten_while_parsing(item: str) -> list[Any] | None:
+        caller = threading.Thread(target=node.forget_attempt, args=("inbox.1",))
+        caller.start()
+        caller.join(2)
+        assert not caller.is_alive(), "the reader kept the tables while parsing"
+        return parse(item)
+
+    monkeypatch.setattr(redis_backend, "_delivered_grant", forgotten_while_parsing)
+    node._wake_up("inbox.1=5,1,1000,10")
+    assert (node._wake, node._delivered) == ({}, {})

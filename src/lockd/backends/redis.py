@@ -61,6 +61,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -151,6 +152,10 @@ class RedisBackend(Backend):
         self._channel = WAKE_PREFIX + self.inbox
         self._attempts = itertools.count()
         self._listening: asyncio.Future[None] | None = None  # done: Redis confirmed
+        # The waiters' wake-up tables: the loop's reader fills them, and RedLock's direct
+        # path registers and forgets attempts from sync callers' threads, so every use
+        # holds _wake_lock (watch, take_delivered, forget_attempt, _wake_up).
+        self._wake_lock = threading.Lock()
         self._wake: dict[str, asyncio.Event] = {}  # attempt id -> its waiter's event
         self._delivered: dict[str, list[Any]] = {}  # attempt id -> grant sent by message
         self._background: set[asyncio.Future[Any]] = set()
@@ -266,12 +271,12 @@ class RedisBackend(Backend):
         if req.wait == 0:
             return self._granted(await self._step(req, rid, attempt, "try"), req)
         end = None if req.wait is None else time.monotonic() + req.wait
-        self._wake[attempt] = asyncio.Event()
+        self.watch(attempt, asyncio.Event())
         try:
             await self._listen()  # subscribe first, then try: no wake-up is missed
             reply = await self._step(req, rid, attempt, "new")
         except BaseException:
-            self._forget_attempt(attempt)
+            self.forget_attempt(attempt)
             raise
         return await self._wait_queued(req, rid, attempt, reply, end)
 
@@ -284,9 +289,10 @@ class RedisBackend(Backend):
     ) -> Grant:
         """Wait while ``reply`` says queued: for the grant message, checking in meanwhile.
 
-        ``attempt`` is registered in ``_wake`` (from before the request was sent).
+        ``attempt`` is watched (from before the request was sent).
         """
-        woken = self._wake[attempt]
+        with self._wake_lock:
+            woken = self._wake[attempt]  # only this call forgets it
         try:
             while reply[0] == "queued":
                 pause = _pause(reply, end)
@@ -295,17 +301,29 @@ class RedisBackend(Backend):
                         async with asyncio.timeout(pause):
                             await woken.wait()
                 woken.clear()
-                then = _after_pause(self._delivered.pop(attempt, None), end)
+                then = _after_pause(self.take_delivered(attempt), end)
                 reply = (
                     then if isinstance(then, list) else await self._step(req, rid, attempt, then)
                 )
             return self._granted(reply, req)
         finally:
-            self._forget_attempt(attempt)
+            self.forget_attempt(attempt)
 
-    def _forget_attempt(self, attempt: str) -> None:
-        self._wake.pop(attempt, None)
-        self._delivered.pop(attempt, None)
+    def watch(self, attempt: str, woken: asyncio.Event) -> None:
+        """Set ``woken`` (on the loop) when a wake-up for ``attempt`` arrives; any thread."""
+        with self._wake_lock:
+            self._wake[attempt] = woken
+
+    def take_delivered(self, attempt: str) -> list[Any] | None:
+        """The grant a wake-up brought for ``attempt`` (once), or None; any thread."""
+        with self._wake_lock:
+            return self._delivered.pop(attempt, None)
+
+    def forget_attempt(self, attempt: str) -> None:
+        """Stop watching ``attempt`` and drop a grant delivered for it; any thread."""
+        with self._wake_lock:
+            self._wake.pop(attempt, None)
+            self._delivered.pop(attempt, None)
 
     def _granted(self, reply: list[Any], req: AcquireRequest) -> Grant:
         """The grant in an acquire's reply, or the error it stands for."""
@@ -465,13 +483,13 @@ class RedisBackend(Backend):
         """Wake the waiters named in one message, keeping the grants it carries."""
         for item in data.split():
             attempt = item.partition("=")[0]
-            event = self._wake.get(attempt)
-            if event is None:
-                continue
             delivered = _delivered_grant(item)
-            if delivered is not None:
-                self._delivered[attempt] = delivered
-            event.set()
+            with self._wake_lock:  # an attempt forgotten meanwhile gets nothing
+                event = self._wake.get(attempt)
+                if event is not None and delivered is not None:
+                    self._delivered[attempt] = delivered
+            if event is not None:
+                event.set()
 
 
 class _RedisDirect(DirectPath):

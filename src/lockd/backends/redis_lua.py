@@ -26,7 +26,9 @@ acquired-at time come from it); ``limit`` is the limit it was granted under.
 Every script's ARGV[2] is the *retention* (ms), and ARGV[3] the *token rule*: ``clock``
 (one Redis: every token is at least Redis's clock in microseconds) or ``missing``
 (RedLock, whose nodes must keep agreeing on tokens: only a missing counter starts from
-the clock). Redis prunes an idle name by itself:
+the clock, at its whole second, the same on nodes whose clocks agree).
+
+Redis prunes an idle name by itself:
 every key of a name has an expiry, at least the retention after the end of the latest
 lease or waiter deadline written into it (``put_hold``, ``put_waiter``; a hold of a lock
 sets its keys' expiry exactly, a semaphore's only ever lengthens it). So an idle name's
@@ -38,7 +40,8 @@ or pruned name, or one lost with Redis's data) starts from Redis's clock in
 microseconds, and with the ``clock`` rule every token is at least that, so even a
 counter restored from older data gives a token above every earlier one of the name (as
 long as its grants came slower than one per microsecond and Redis's clock did not step
-back).
+back). With the ``missing`` rule a counter starts at a whole second, so it must have
+been gone for a second at least: RedLock's retention is at least a second.
 
 Release and extend judge a call that matches no live hold of its owner from the name's
 own records, first match winning (``find``): the token is another owner's live hold
@@ -215,14 +218,17 @@ local function del_hold(h)
   end
 end
 
--- The next token of the name: above its last, and Redis's clock in microseconds when
--- the counter is missing (a new name, one pruned after the retention, or lost with
--- Redis's data), or with CLOCK_FLOOR at least that always (then a counter older than the
--- tokens issued, restored from older data, still gives a higher one too). Either holds
--- while the name's grants come slower than one a microsecond.
+-- The next token of the name: above its last, and from Redis's clock in microseconds
+-- when the counter is missing (a new name, one pruned after the retention, or lost with
+-- Redis's data). With CLOCK_FLOOR every token is at least that clock (so a counter
+-- restored from older data still gives a higher token too); without (RedLock), a
+-- missing counter starts at the clock's whole second, which the nodes' clocks mostly
+-- agree on, so that their first tokens of a name match. Either holds while the name's
+-- grants come slower than one a microsecond.
 local function next_token(owner, expires)
   local last = read_counter()
   local token = now_us
+  if not CLOCK_FLOOR then token = math.floor(now_us / 1000000) * 1000000 end
   if last then
     token = last + 1
     if CLOCK_FLOOR and token < now_us then token = now_us end

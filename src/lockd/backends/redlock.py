@@ -28,8 +28,13 @@ Tokens. Every node has its own counter; a grant's token is the highest one its g
 nodes gave. When they disagree, the lower nodes are raised to it (the RAISE script)
 before the grant is reported, so a quorum of nodes has counted to the token. Any later
 grant's quorum shares a node with it and so gets a higher token. This holds as long as
-nodes keep their counters: with ``appendfsync always``. A node that restarts empty can
-let a later token be lower than an earlier one.
+a majority of nodes keeps its counters. A node's counter that is missing (a new name, a
+name pruned after the retention, a node that restarted empty) starts at the whole second
+of the node's clock, in microseconds (so nodes whose clocks agree give a new name one
+token, and no second round trip is needed to agree): above the tokens it issued before
+as long as it was gone for a second and grants came slower than one per microsecond.
+A node that restarts empty within a second of a name's first grant, or with its clock
+set back, can give a lower token; the quorum's other nodes still lift the agreed one.
 
 Safety: ``timing-dependent``. Mutual exclusion holds only while process pauses, network
 delays and clock rate differences stay within the drift allowance: a holder paused past
@@ -50,6 +55,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -172,13 +178,22 @@ class RedlockBackend(Backend):
     def __init__(
         self, url: str, node_urls: list[str], retention: float = redis_backend.RETENTION
     ) -> None:
-        """``retention``: seconds an idle name's records are kept on each node."""
+        """``retention``: seconds an idle name's records are kept on each node (at least 1:
+        a node's missing counter starts at a whole second of its clock)."""
+        if isinstance(retention, (int, float)) and retention < 1:  # the nodes check the rest
+            raise InvalidRequest(f"a RedLock retention is at least 1 second, not {retention!r}")
         self.url = url
         inbox = uuid.uuid4().hex  # one inbox on every node: one attempt id serves them all
-        # Tokens start from a node's clock only when its counter is missing: the nodes'
-        # clocks differ, and a clock floor on every grant would make them disagree always.
+        # Tokens start from a node's clock only when its counter is missing, at a whole
+        # second: the nodes' clocks differ, and a floor of microseconds would make their
+        # tokens disagree always.
         self._nodes = [RedisBackend(u, inbox, retention, clock_floor=False) for u in node_urls]
         self._majority = len(self._nodes) // 2 + 1
+        # The request tables are used by the loop and by sync callers' threads (the direct
+        # path), so every use holds _tables. A round itself belongs to one thread at a
+        # time: the one running its acquire (a caller's thread until it hands the round
+        # over in _begun, then the loop), and the loop only looks up a round's index.
+        self._tables = threading.Lock()
         self._rounds: OrderedDict[str, _Round] = OrderedDict()  # request id -> its last round
         self._abandoned: OrderedDict[str, None] = OrderedDict()
         self._begun: OrderedDict[str, _Begun] = OrderedDict()  # request id -> its round
@@ -250,12 +265,15 @@ class RedlockBackend(Backend):
 
     async def _acquire(self, req: AcquireRequest) -> Grant:
         base = req.request_id or uuid.uuid4().hex
-        if base in self._abandoned:
+        with self._tables:
+            abandoned = base in self._abandoned
+            begun = self._begun.pop(base, None)
+        if abandoned:
             raise AcquireTimeout(f"{req.name!r} was not granted: this request was abandoned",
                                  name=req.name, owner=req.owner)  # fmt: skip
         current: list[_Round] = []
         return await undo_on_cancel(
-            self._rounds_until_granted(req, base, current, self._begun.pop(base, None)),
+            self._rounds_until_granted(req, base, current, begun),
             lambda: self._give_up(req, current[-1]) if current else None,
             self._background,
         )
@@ -276,13 +294,13 @@ class RedlockBackend(Backend):
             rnd = self._next_round(base) if begun is None else begun.round
             current.append(rnd)
             for node in self._nodes:
-                node._wake[rnd.attempt] = woken
+                node.watch(rnd.attempt, woken)
             try:
                 grant = await self._round(req, rnd, end, woken, stepped=begun is not None)
             finally:
                 begun = None
                 for node in self._nodes:
-                    node._forget_attempt(rnd.attempt)
+                    node.forget_attempt(rnd.attempt)
             if grant is not None:
                 return Grant(name=name, owner=owner, token=grant.token, count=grant.count,
                              ttl=grant.ttl, waited=time.monotonic() - started)  # fmt: skip
@@ -420,7 +438,7 @@ class RedlockBackend(Backend):
         Returns how many were taken."""
         taken = 0
         for i in self._pending(rnd):
-            reply = self._nodes[i]._delivered.pop(rnd.attempt, None)
+            reply = self._nodes[i].take_delivered(rnd.attempt)
             if reply is None or rnd.reused:  # a retry's queue time may predate the round
                 continue
             taken += 1
@@ -528,16 +546,17 @@ class RedlockBackend(Backend):
 
     def _next_round(self, base: str) -> _Round:
         """The round to send for request id ``base``: a retry repeats the last round unless
-        that one was given up."""
-        last = self._rounds.get(base)
+        that one was given up. Any thread."""
         attempt = self._nodes[0].new_attempt()
-        if last is None:
-            rnd = _Round(base, 0, attempt)
-        elif last.undone:
-            rnd = _Round(base, last.index + 1, attempt)
-        else:
-            rnd = _Round(base, last.index, attempt, reused=True)
-        self._remember(self._rounds, base, rnd)
+        with self._tables:
+            last = self._rounds.get(base)
+            if last is None:
+                rnd = _Round(base, 0, attempt)
+            elif last.undone:
+                rnd = _Round(base, last.index + 1, attempt)
+            else:
+                rnd = _Round(base, last.index, attempt, reused=True)
+            self._remember(self._rounds, base, rnd)
         return rnd
 
     async def _give_up(self, req: AcquireRequest, rnd: _Round) -> None:
@@ -563,6 +582,7 @@ class RedlockBackend(Backend):
 
     @staticmethod
     def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        """Put ``key`` in one of the request tables, newest last (hold ``_tables``)."""
         table[key] = value
         table.move_to_end(key)
         while len(table) > MAX_REMEMBERED:
@@ -571,12 +591,13 @@ class RedlockBackend(Backend):
     # --- the rest of the contract -----------------------------------------------------
 
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
-        self._remember(self._abandoned, request_id, None)
-        begun = self._begun.pop(request_id, None)
+        with self._tables:
+            self._remember(self._abandoned, request_id, None)
+            begun = self._begun.pop(request_id, None)
+            last = self._rounds.get(request_id)
         if begun is not None:  # begun in a caller's thread, never taken up by the loop
             for node in self._nodes:
-                node._forget_attempt(begun.round.attempt)
-        last = self._rounds.get(request_id)
+                node.forget_attempt(begun.round.attempt)
         rounds = 0 if last is None else last.index + 1
         rids = [f"{request_id}~{n}" for n in range(rounds + 1)]
 
@@ -789,7 +810,7 @@ class _RedlockDirect(DirectPath):
         rnd = backend._next_round(base)
         woken = asyncio.Event()  # set from the loop; awaited there if the loop goes on
         for node in backend._nodes:
-            node._wake[rnd.attempt] = woken
+            node.watch(rnd.attempt, woken)
         rnd.started = time.monotonic()
         replies = self._fan("ACQUIRE", req.namespace, req.name,
                             _acquire_args(req, rnd, _first_mode(req.wait)),
@@ -798,9 +819,10 @@ class _RedlockDirect(DirectPath):
         grant = self._clean_grant(req, rnd)
         if grant is not None:
             for node in backend._nodes:
-                node._forget_attempt(rnd.attempt)
+                node.forget_attempt(rnd.attempt)
             return grant
-        backend._remember(backend._begun, base, _Begun(rnd, woken))
+        with backend._tables:  # the round is the loop's from here on
+            backend._remember(backend._begun, base, _Begun(rnd, woken))
         raise ContinueOnLoop()
 
     def _clean_grant(self, req: AcquireRequest, rnd: _Round) -> Grant | None:
