@@ -297,3 +297,37 @@ async def test_a_restart_keeps_when_each_hold_was_acquired(tmp_path: Path) -> No
         assert 59.0 < holder.ttl_left <= 60.0
     finally:
         await store.aclose()
+
+
+async def test_a_store_of_the_layout_before_name_records_is_carried_over(tmp_path: Path) -> None:
+    """Names without revocation columns, a store-wide revoked table, no counter row: the
+    counter goes on from the highest token on disk."""
+    db = sqlite3.connect(tmp_path / "lockd.db")
+    with db:
+        db.executescript(
+            "CREATE TABLE holds (namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT"
+            " NULL, token INTEGER NOT NULL, count INTEGER NOT NULL, ttl REAL NOT NULL, lim"
+            " INTEGER NOT NULL, acquired_at REAL NOT NULL, PRIMARY KEY (namespace, name, owner));"
+            " CREATE TABLE names (namespace TEXT NOT NULL, name TEXT NOT NULL, last_token"
+            " INTEGER NOT NULL, PRIMARY KEY (namespace, name));"
+            " CREATE TABLE revoked (token INTEGER PRIMARY KEY);"
+        )
+        db.execute("INSERT INTO names VALUES (?, 'a', 5)", (NS,))
+        db.execute("INSERT INTO names VALUES (?, 'b', 7)", (NS,))
+        db.execute("INSERT INTO holds VALUES (?, 'b', 'me', 7, 1, 60.0, 1, 0.0)", (NS,))
+        db.execute("INSERT INTO revoked VALUES (5)")
+    db.close()
+
+    store = await opened(tmp_path)
+    try:
+        assert (await store.acquire(NS, "c", "me", ttl=60, wait=0)).token == 8
+        assert [h.token for h in (await store.inspect(NS, "b")).holders] == [7]
+        with pytest.raises(lockd.LockLost):  # its revocation named no lock: it went
+            await store.release(NS, "a", "me", 5)
+    finally:
+        await store.aclose()
+    store = await opened(tmp_path)
+    try:
+        assert (await store.acquire(NS, "d", "me", ttl=60, wait=0)).token == 9
+    finally:
+        await store.aclose()
