@@ -23,7 +23,14 @@ from urllib.parse import quote
 import httpx
 
 from lockd.backends.base import AcquireRequest, Backend, undo_on_cancel
-from lockd.errors import ERROR_CODES, AcquireTimeout, BackendUnavailable, LockError
+from lockd.errors import (
+    ERROR_CODES,
+    AcquireTimeout,
+    BackendUnavailable,
+    ClientClosed,
+    LockError,
+    StoreRefused,
+)
 from lockd.model import (
     Capabilities,
     Grant,
@@ -50,6 +57,7 @@ class HttpBackend(Backend):
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
         self.max_poll = 60.0
         self._background: set[asyncio.Future[None]] = set()
+        self._closed = False
         self.capabilities = Capabilities(
             safety=SafetyLevel.TIMING_DEPENDENT, fencing=False, fair=False, durable=False,
             shared_across_processes=True,
@@ -60,6 +68,7 @@ class HttpBackend(Backend):
         try:
             info = await self._call("GET", "/v1/info", deadline=time.monotonic() + self._retry_for)
         except BaseException:
+            self._closed = True
             await self._http.aclose()
             raise
         caps = info["capabilities"]
@@ -155,9 +164,11 @@ class HttpBackend(Backend):
         await self._call("GET", "/readyz", deadline=time.monotonic())
 
     async def aclose(self) -> None:
-        """Finish abandoning cancelled acquires, then close the connection pool."""
+        """Finish abandoning cancelled acquires, then close the connection pool; later
+        calls raise ClientClosed."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        self._closed = True
         await self._http.aclose()
 
     async def _call(
@@ -182,6 +193,9 @@ class HttpBackend(Backend):
         timeout = httpx.Timeout(self._timeout, read=self._timeout + read_timeout)
         backoff = RETRY_FIRST
         while True:
+            if self._closed:
+                raise ClientClosed(f"http backend for {self.url} is closed", name=name,
+                                   owner=owner, token=token)  # fmt: skip
             try:
                 response = await self._http.request(
                     method, path, json=json, params=query, timeout=timeout
@@ -190,7 +204,7 @@ class HttpBackend(Backend):
                     data: dict[str, Any] = response.json()
                     return data
                 error = _error(response, name, owner, token)
-                if not isinstance(error, BackendUnavailable):
+                if not isinstance(error, BackendUnavailable) or isinstance(error, StoreRefused):
                     raise error
             except httpx.TransportError as exc:
                 error = BackendUnavailable(

@@ -54,10 +54,16 @@ STATUS: dict[str, int] = {
     "revoked": 409,
     "unavailable": 503,
     "store_busy": 503,
-    "store_refused": 503,
+    # The store refused the server's own credentials or permissions: the server is
+    # misconfigured and retrying cannot help, so not one of the statuses (502-504)
+    # that clients and proxies retry.
+    "store_refused": 500,
     "lock_error": 500,
 }
 """HTTP status of each error code: the one place errors meet HTTP."""
+
+_OWNER_IDS = uuid.UUID("6f1c3a52-52d3-4c47-9a55-1a3c1f0e7d21")
+"""The uuid5 namespace of owners derived from request ids."""
 
 
 class _Body(BaseModel):
@@ -67,7 +73,11 @@ class _Body(BaseModel):
 class AcquireBody(_Body):
     """Acquire ``name``: granted at once, or after waiting up to ``wait`` seconds."""
 
-    owner: str | None = Field(None, description="Who holds; generated and returned when omitted.")
+    owner: str | None = Field(
+        None,
+        description="Who holds. When omitted, one is made and returned: derived from "
+        "request_id when given (so a retry is the same owner), random otherwise.",
+    )
     ttl: float = Field(description="Seconds the hold lasts unless extended (0.1 to 604800).")
     wait: float = Field(
         0.0, description=f"Seconds to wait in the FIFO queue (0 to {MAX_POLL:.0f})."
@@ -129,7 +139,7 @@ async def acquire(
             f"wait must be at most {MAX_POLL:.0f} seconds per request; loop for longer waits",
             name=name,
         )
-    owner = body.owner if body.owner is not None else uuid.uuid4().hex
+    owner = body.owner if body.owner is not None else _new_owner(body.request_id)
     backend = _backend(request)
     acquiring = backend.acquire(namespace, name, owner, ttl=body.ttl, wait=body.wait,
                                 limit=body.limit, request_id=body.request_id)  # fmt: skip
@@ -144,6 +154,14 @@ async def acquire(
         holders = [_plain(h) for h in info.holders]
         return error_response(exc.code, exc.message, owner=owner, holders=holders)
     return JSONResponse(_plain(grant))
+
+
+def _new_owner(request_id: str | None) -> str:
+    """An owner for an acquire that named none: derived from its request id, so that a
+    retry is the same owner and applies once; random without one."""
+    if request_id is None:
+        return uuid.uuid4().hex
+    return uuid.uuid5(_OWNER_IDS, request_id).hex
 
 
 async def _unless_gone(
