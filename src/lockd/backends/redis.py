@@ -141,7 +141,7 @@ class RedisBackend(Backend):
             raise InvalidRequest(f"retention must be 0.001 to 86400 seconds, not {retention!r}")
         self.url = redact_url(url)
         rule = "clock" if clock_floor else "missing"
-        self._argv = (WAKE_PREFIX, str(round(retention * 1000)), rule)  # every script's first
+        self._argv = (WAKE_PREFIX, str(round(retention * 1000)), rule, "0")  # every script's
         self._target = _cluster_option(url)  # (URL for redis-py, cluster?), checked now
         self._redis: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -791,7 +791,7 @@ def _delivered_grant(item: str) -> list[Any] | None:
 
 
 def _acquire_args(req: AcquireRequest, rid: str, attempt: str, mode: str) -> tuple[Any, ...]:
-    """ARGV[4:] of the ACQUIRE script."""
+    """ARGV[5:] of the ACQUIRE script."""
     ttl_ms = max(1, round(req.ttl * 1000))
     return (req.owner, rid, attempt, ttl_ms, req.limit, mode, round(WAITER_LEASE * 1000))
 

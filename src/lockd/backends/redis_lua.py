@@ -26,7 +26,8 @@ acquired-at time come from it); ``limit`` is the limit it was granted under.
 Every script's ARGV[2] is the *retention* (ms), and ARGV[3] the *token rule*: ``clock``
 (one Redis: every token is at least Redis's clock in microseconds) or ``missing``
 (RedLock, whose nodes must keep agreeing on tokens: only a missing counter starts from
-the clock, at its whole second, the same on nodes whose clocks agree).
+the clock, at its whole second, the same on nodes whose clocks agree). ARGV[4] is an
+offset in ms added to Redis's clock: 0, except in tests that move the scripts' time.
 
 Redis prunes an idle name by itself:
 every key of a name has an expiry, at least the retention after the end of the latest
@@ -132,7 +133,7 @@ local CLOCK_FLOOR = ARGV[3] == 'clock'  -- every token is at least now_us (see n
 local WAKE_KEEP_MS = '60000'
 local ABANDONED = 'abandoned'  -- an acquire request's outcome once abandoned
 local clock = redis.call('TIME')
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2]) + tonumber(ARGV[4]) * 1000
 local now = math.floor(now_us / 1000)
 -- Number of holds as last counted (nil: not counted yet).
 local n_holds = nil
@@ -489,23 +490,23 @@ def _script(header: str, body: str, common_case: str = "") -> str:
 ACQUIRE = _script(
     """\
 -- lockd acquire: grant at once, queue, check in while queued, or leave the queue.
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
--- ARGV[4] owner     ARGV[5] request id
--- ARGV[6] attempt id (unique per call)             ARGV[7] ttl_ms
--- ARGV[8] limit                  ARGV[9] mode: try | new | wait | leave
--- ARGV[10] waiter lease ms: a queued waiter that does not check in within it drops out
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
+-- ARGV[5] owner     ARGV[6] request id
+-- ARGV[7] attempt id (unique per call)             ARGV[8] ttl_ms
+-- ARGV[9] limit                  ARGV[10] mode: try | new | wait | leave
+-- ARGV[11] waiter lease ms: a queued waiter that does not check in within it drops out
 -- Replies: {'granted', token, count, ttl_left_ms, waited_us, limit}
 --   | {'queued', next_expiry_ms, {holder owners}} | {'denied', holders} | {'abandoned'}
 --   | {'replaced'} | {'gone', holders} | {'lost', token}
 --   | {'invalid', current_limit}
 """,
     common_case=r"""
-local owner, rid, ttl, limit = ARGV[4], ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[8])
+local owner, rid, ttl, limit = ARGV[5], ARGV[6], tonumber(ARGV[8]), tonumber(ARGV[9])
 local key = req_key('acquire', owner, rid)
 local rem = key and redis.call('GET', key)
 if rem == ABANDONED then return {'abandoned'} end
 n_holds = redis.call('HLEN', K_HOLDS)
-if n_holds == 0 and not rem and ARGV[9] ~= 'leave' then
+if n_holds == 0 and not rem and ARGV[10] ~= 'leave' then
   -- Nobody holds, so nobody waits, nothing expires and there is no limit key (see the
   -- invariants): a new request is granted at once.
   if limit ~= 1 then redis.call('SET', K_LIMIT, limit) end
@@ -515,7 +516,7 @@ if n_holds == 0 and not rem and ARGV[9] ~= 'leave' then
 end
 """,
     body=r"""
-local attempt, mode, lease = ARGV[6], ARGV[9], tonumber(ARGV[10])
+local attempt, mode, lease = ARGV[7], ARGV[10], tonumber(ARGV[11])
 local waiting = (mode == 'wait' or mode == 'leave')
 
 -- ms until the earliest holder expiry (-1: none) and the holders, for a queued reply
@@ -622,14 +623,14 @@ return queued()
 RELEASE = _script(
     """\
 -- lockd release: drop one count of the owner's hold, then grant waiters in order.
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
--- ARGV[4] owner   ARGV[5] token (0: any)
--- ARGV[6] request id ('' none)
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
+-- ARGV[5] owner   ARGV[6] token (0: any)
+-- ARGV[7] request id ('' none)
 -- Replies: {'ok', count_left} | {'not_yours'} | {'revoked'} | {'lost'} | {'not_held'}
 """,
     common_case=r"""
-local owner, token = ARGV[4], tonumber(ARGV[5])
-local key = req_key('release', owner, ARGV[6])
+local owner, token = ARGV[5], tonumber(ARGV[6])
+local key = req_key('release', owner, ARGV[7])
 local rem = key and redis.call('GET', key)
 if rem then return {'ok', tonumber(rem)} end
 -- The common case: the owner's own live hold (with its token, if one is given). Other
@@ -668,13 +669,13 @@ return finish({'ok', left})
 EXTEND = _script(
     """\
 -- lockd extend: make the owner's hold last ttl_ms from now (Redis's clock).
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
--- ARGV[4] owner   ARGV[5] token (0: any)   ARGV[6] ttl_ms
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
+-- ARGV[5] owner   ARGV[6] token (0: any)   ARGV[7] ttl_ms
 -- Replies: {'granted', token, count, ttl_left_ms, 0, limit} | {'not_yours'} | {'revoked'}
 --   | {'lost'} | {'not_held'}
 """,
     r"""
-local owner, token, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local owner, token, ttl = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 touch()
 local h, why = find(owner, token)
 if not h then return finish({why}) end
@@ -688,12 +689,12 @@ ABANDON = _script(
     """\
 -- lockd abandon: undo acquire request_id whose caller has gone, whatever it reached:
 -- leave the queue, release a grant once, or refuse the request when it arrives.
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
--- ARGV[4] owner   ARGV[5] request id
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
+-- ARGV[5] owner   ARGV[6] request id
 -- Replies: {'ok'}
 """,
     r"""
-local owner, rid = ARGV[4], ARGV[5]
+local owner, rid = ARGV[5], ARGV[6]
 local key = req_key('acquire', owner, rid)
 local rem = key and redis.call('GET', key)
 if rem == ABANDONED then return {'ok'} end
@@ -723,12 +724,12 @@ return finish({'ok'})
 FORCE_RELEASE = _script(
     """\
 -- lockd force_release: evict every holder (or one owner); their tokens are revoked.
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
--- ARGV[4] owner ('' : every holder)
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
+-- ARGV[5] owner ('' : every holder)
 -- Replies: {'ok', {owner, token, count, ttl_left_ms, held_for_ms, acquired_at_ms}...}
 """,
     r"""
-local only = ARGV[4]
+local only = ARGV[5]
 local MAX_REVOKED = 1000  -- records (tokens and owners) kept per name, the newest
 touch()
 local evicted = {}
@@ -759,7 +760,7 @@ return finish({'ok', evicted})
 INSPECT = _script(
     """\
 -- lockd inspect: holders, live waiters in order, limit and last token of one name.
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
 -- Replies: {'ok', limit, last_token, {{owner, token, count, ttl_left_ms, held_for_ms,
 --   acquired_at_ms}...}, {{owner, waited_us}...}}
 """,
@@ -783,13 +784,13 @@ RAISE = _script(
     """\
 -- lockd raise (RedLock): give the owner's hold the token a majority of nodes agreed on,
 -- and lift the counter to it, so every later grant on this node gets a higher token.
--- ARGV[1..3] wake-up channel prefix, retention ms, token rule (as every script)
--- ARGV[4] owner   ARGV[5] token this node granted
--- ARGV[6] agreed token (higher)   ARGV[7] request id of the acquire
+-- ARGV[1..4] wake-up channel prefix, retention ms, token rule, clock offset ms
+-- ARGV[5] owner   ARGV[6] token this node granted
+-- ARGV[7] agreed token (higher)   ARGV[8] request id of the acquire
 -- Replies: {'ok'} | {'not_held'}
 """,
     r"""
-local owner, old, new = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local owner, old, new = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 touch()
 local h = get_hold(owner)
 if h and h.token == new then return finish({'ok'}) end
@@ -800,7 +801,7 @@ if (last or 0) < new then
 end
 h.token = new
 put_hold(h)
-local key = req_key('acquire', owner, ARGV[7])
+local key = req_key('acquire', owner, ARGV[8])
 local rem = key and redis.call('GET', key)
 if rem then  -- an abandoned request stays abandoned (parse_grant gives no token)
   local tok, waited, att = parse_grant(rem)
