@@ -135,7 +135,7 @@ async def test_a_late_release_hears_why_until_the_name_is_pruned(
 
 
 async def test_redlock_nodes_prune_too() -> None:
-    retention = 1.0  # RedLock's shortest: a missing counter starts at a whole second
+    retention = RETENTION
     with running_redis_nodes(3) as nodes:
         urls = [s.url for s in nodes]
         b = RedlockBackend("redlock://test", urls, retention=retention)

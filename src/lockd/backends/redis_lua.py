@@ -26,7 +26,7 @@ acquired-at time come from it); ``limit`` is the limit it was granted under.
 Every script's ARGV[2] is the *retention* (ms), and ARGV[3] the *token rule*: ``clock``
 (one Redis: every token is at least Redis's clock in microseconds) or ``missing``
 (RedLock, whose nodes must keep agreeing on tokens: only a missing counter starts from
-the clock, at its whole second, the same on nodes whose clocks agree). ARGV[4] is an
+the clock). ARGV[4] is an
 offset in ms added to Redis's clock: 0, except in tests that move the scripts' time.
 
 Redis prunes an idle name by itself:
@@ -41,8 +41,7 @@ or pruned name, or one lost with Redis's data) starts from Redis's clock in
 microseconds, and with the ``clock`` rule every token is at least that, so even a
 counter restored from older data gives a token above every earlier one of the name (as
 long as its grants came slower than one per microsecond and Redis's clock did not step
-back). With the ``missing`` rule a counter starts at a whole second, so it must have
-been gone for a second at least: RedLock's retention is at least a second.
+back).
 
 Release and extend judge a call that matches no live hold of its owner from the name's
 own records, first match winning (``find``): the token is another owner's live hold
@@ -221,15 +220,12 @@ end
 
 -- The next token of the name: above its last, and from Redis's clock in microseconds
 -- when the counter is missing (a new name, one pruned after the retention, or lost with
--- Redis's data). With CLOCK_FLOOR every token is at least that clock (so a counter
--- restored from older data still gives a higher token too); without (RedLock), a
--- missing counter starts at the clock's whole second, which the nodes' clocks mostly
--- agree on, so that their first tokens of a name match. Either holds while the name's
--- grants come slower than one a microsecond.
+-- Redis's data). With CLOCK_FLOOR every token is at least that clock, so a counter
+-- restored from older data still gives a higher token too. Either holds while the
+-- name's grants come slower than one a microsecond.
 local function next_token(owner, expires)
   local last = read_counter()
   local token = now_us
-  if not CLOCK_FLOOR then token = math.floor(now_us / 1000000) * 1000000 end
   if last then
     token = last + 1
     if CLOCK_FLOOR and token < now_us then token = now_us end

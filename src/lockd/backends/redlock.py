@@ -29,12 +29,11 @@ nodes gave. When they disagree, the lower nodes are raised to it (the RAISE scri
 before the grant is reported, so a quorum of nodes has counted to the token. Any later
 grant's quorum shares a node with it and so gets a higher token. This holds as long as
 a majority of nodes keeps its counters. A node's counter that is missing (a new name, a
-name pruned after the retention, a node that restarted empty) starts at the whole second
-of the node's clock, in microseconds (so nodes whose clocks agree give a new name one
-token, and no second round trip is needed to agree): above the tokens it issued before
-as long as it was gone for a second and grants came slower than one per microsecond.
-A node that restarts empty within a second of a name's first grant, or with its clock
-set back, can give a lower token; the quorum's other nodes still lift the agreed one.
+name pruned after the retention, a node that restarted empty) starts from the node's
+clock in microseconds: above the tokens it issued before as long as grants came slower
+than one per microsecond and its clock did not step back. The nodes' clocks differ, so
+the first grant of a name (and of a pruned one) always takes the RAISE round trip, and a
+sync caller's first grant of it goes on in the I/O loop.
 
 Safety: ``timing-dependent``. Mutual exclusion holds only while process pauses, network
 delays and clock rate differences stay within the drift allowance: a holder paused past
@@ -178,15 +177,11 @@ class RedlockBackend(Backend):
     def __init__(
         self, url: str, node_urls: list[str], retention: float = redis_backend.RETENTION
     ) -> None:
-        """``retention``: seconds an idle name's records are kept on each node (at least 1:
-        a node's missing counter starts at a whole second of its clock)."""
-        if isinstance(retention, (int, float)) and retention < 1:  # the nodes check the rest
-            raise InvalidRequest(f"a RedLock retention is at least 1 second, not {retention!r}")
+        """``retention``: seconds an idle name's records are kept on each node."""
         self.url = url
         inbox = uuid.uuid4().hex  # one inbox on every node: one attempt id serves them all
-        # Tokens start from a node's clock only when its counter is missing, at a whole
-        # second: the nodes' clocks differ, and a floor of microseconds would make their
-        # tokens disagree always.
+        # Tokens start from a node's clock only when its counter is missing: the nodes'
+        # clocks differ, and a floor on every grant would make their tokens disagree always.
         self._nodes = [RedisBackend(u, inbox, retention, clock_floor=False) for u in node_urls]
         self._majority = len(self._nodes) // 2 + 1
         # The request tables are used by the loop and by sync callers' threads (the direct
