@@ -152,3 +152,13 @@ async def test_redlock_nodes_prune_too() -> None:
             assert second.token > first.token
         finally:
             await b.aclose()
+
+
+async def test_a_names_records_are_pruned_together(backend: RedisBackend) -> None:
+    """A force-released name's revocations live as long as its last token: in between,
+    the evicted owner would hear LockLost, as if its hold had merely ended."""
+    evicted = await backend.acquire(NS, "together", "a", ttl=TTL * 5, wait=0)
+    await backend.force_release(NS, "together")  # idle now, its last lease still to run
+    await asyncio.sleep(RETENTION + TTL)
+    with pytest.raises(Revoked):
+        await backend.release(NS, "together", "a", evicted.token)

@@ -729,7 +729,9 @@ local only = ARGV[5]
 local MAX_REVOKED = 1000  -- records (tokens and owners) kept per name, the newest
 touch()
 local evicted = {}
+local horizon = now  -- the latest lease of the name: its records live until then, and more
 for _, h in ipairs(all_holds()) do
+  horizon = math.max(horizon, h.expires)
   if only == '' or h.owner == only then
     del_hold(h)
     local tok = string.format('%d', h.token)
@@ -744,9 +746,7 @@ if #evicted > 0 then
   if last and not records then  -- mark the counter: grants now clear owners' records
     redis.call('SET', K_TOKEN, string.format('%d+', last), 'KEEPTTL')
   end
-  local horizon = now  -- the records live as long as the holds left, and then retention
-  for _, h in pairs(seen) do horizon = math.max(horizon, h.expires) end
-  keep_until(K_REVOKED, horizon)
+  keep_until(K_REVOKED, horizon)  -- as long as the name's other records
 end
 settle()
 return finish({'ok', evicted})
