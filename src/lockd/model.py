@@ -16,6 +16,7 @@ from datetime import timedelta
 from lockd.errors import InvalidRequest
 
 __all__ = [
+    "CONTROL_CHARACTERS",
     "DEFAULT_NAMESPACE",
     "MAX_LIMIT",
     "MAX_NAME_BYTES",
@@ -46,6 +47,14 @@ MAX_REQUEST_ID_BYTES = 128
 MAX_LIMIT = 100_000
 DEFAULT_NAMESPACE = "default"
 _NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""C0, DEL and C1: the characters no name, owner or request id may contain.
+
+A fixed set, not the running Python's Unicode tables, so that a character assigned in a
+newer Unicode version than the server knows is accepted like any other. Unassigned,
+private-use, format and space characters are accepted; lone surrogates have no UTF-8
+form and are refused as not unicode.
+"""
 
 
 class SafetyLevel(enum.IntEnum):
@@ -206,23 +215,23 @@ def _check_text(value: object, what: str, max_bytes: int) -> str:
         raise InvalidRequest(f"{what} is not valid unicode: {value!r}") from None
     if size > max_bytes:
         raise InvalidRequest(f"{what} is longer than {max_bytes} bytes")
-    if not value.isprintable():
+    if CONTROL_CHARACTERS.search(value):
         raise InvalidRequest(f"{what} must not contain control characters: {value!r}")
     return value
 
 
 def check_name(value: object) -> str:
-    """Validate a lock name: 1 to MAX_NAME_BYTES bytes of printable UTF-8."""
+    """Validate a lock name: 1 to MAX_NAME_BYTES bytes of UTF-8 without control characters."""
     return _check_text(value, "name", MAX_NAME_BYTES)
 
 
 def check_owner(value: object) -> str:
-    """Validate an owner id: 1 to 256 bytes of printable UTF-8."""
+    """Validate an owner id: 1 to 256 bytes of UTF-8 without control characters."""
     return _check_text(value, "owner", MAX_OWNER_BYTES)
 
 
 def check_request_id(value: object) -> str | None:
-    """Validate an optional request id: up to 128 bytes of printable UTF-8."""
+    """Validate an optional request id: up to 128 bytes of UTF-8 without control characters."""
     if value is None:
         return None
     return _check_text(value, "request_id", MAX_REQUEST_ID_BYTES)

@@ -183,13 +183,6 @@ def test_other_json_content_types_are_served(http: httpx.Client, content_type: s
     assert r.json()["released"] is True
 
 
-@pytest.mark.parametrize("headers", [{"content-type": "text/plain"}, {}])
-def test_body_that_is_not_json_is_400(http: httpx.Client, headers: dict[str, str]) -> None:
-    r = http.post("/v1/locks/job/acquire", content=b'{"ttl": 5}', headers=headers)
-    assert r.status_code == 400 and r.json()["error"] == "invalid"
-    assert http.get("/v1/locks/job").json()["holders"] == []
-
-
 def test_namespace_query_parameter(http: httpx.Client) -> None:
     r = http.post("/v1/locks/job/acquire", params={"namespace": "team-a"}, json={"ttl": 5})
     assert r.status_code == 200

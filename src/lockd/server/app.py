@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict
 from typing import Any, get_type_hints
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lockd.backends import Backend, connect
 from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
-from lockd.model import DEFAULT_NAMESPACE, Grant
+from lockd.model import CONTROL_CHARACTERS, DEFAULT_NAMESPACE, Grant
 
 __all__ = ["MAX_POLL", "STATUS", "create_app"]
 
@@ -66,8 +67,14 @@ _OWNER_IDS = uuid.UUID("6f1c3a52-52d3-4c47-9a55-1a3c1f0e7d21")
 """The uuid5 namespace of owners derived from request ids."""
 
 
+MAX_BODY = 64 * 1024
+"""Largest request body accepted, in bytes; the largest valid one is a few KiB."""
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON values are never coerced ("5" is not a number, true is not 1, 1.0 is
+    # not an integer); an integer is a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AcquireBody(_Body):
@@ -293,7 +300,52 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     response = error_response("not_found" if exc.status_code == 404 else "invalid", str(exc.detail))
     response.status_code = exc.status_code
+    if exc.status_code == 405:
+        response.headers["allow"] = ", ".join(sorted(_allowed(request)))
     return response
+
+
+def _allowed(request: Request) -> set[str]:
+    """Every method some route serves at the request's path (routes share paths)."""
+    methods: set[str] = set()
+    for route in (*request.app.router.routes, *router.routes):
+        matched = isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+        if matched and route.methods:
+            methods |= route.methods
+    return methods
+
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    response = error_response("invalid", message)
+    response.status_code = status
+    return response
+
+
+def _is_json(content_type: str) -> bool:
+    """``application/json`` or ``application/*+json``, with or without parameters."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def _json_body(request: Request) -> bytes | JSONResponse:
+    """The request's JSON body, or the 415/413 answer refusing it."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return _refusal(415, "the request body must be application/json; it has no content type")
+    if not _is_json(content_type):
+        return _refusal(415, f"the request body must be application/json, not {content_type!r}")
+    too_big = _refusal(413, f"the request body is larger than {MAX_BODY} bytes")
+    with contextlib.suppress(ValueError):
+        if int(request.headers.get("content-length", "0")) > MAX_BODY:
+            return too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return too_big
+    return bytes(body)
 
 
 _LockEndpoint = Callable[[str, Any, Request, str], Awaitable[JSONResponse]]
@@ -301,15 +353,13 @@ _LockEndpoint = Callable[[str, Any, Request, str], Awaitable[JSONResponse]]
 _DIRECT: tuple[_LockEndpoint, ...] = (acquire, release, abandon, extend)
 """The endpoints ``_DirectRoute`` serves; each takes ``(name, body, request, namespace)``."""
 
-_JSON_CONTENT = (b"content-type", b"application/json")
-
 
 class _DirectRoute(Route):
-    """Serves JSON requests to a lock endpoint without FastAPI's request handling.
+    """Serves requests to a lock endpoint without FastAPI's request handling.
 
-    The body goes through the endpoint's own model; the response and the errors (via
-    the app's exception handlers) are the endpoint's. Requests with another content
-    type fall through to the FastAPI route, which applies its own content-type rules.
+    The body must be JSON (else 415) of at most MAX_BODY bytes (else 413); it goes
+    through the endpoint's own model; the response and the errors (via the app's
+    exception handlers) are the endpoint's.
     """
 
     def __init__(self, declared: APIRoute) -> None:
@@ -317,8 +367,11 @@ class _DirectRoute(Route):
         model: type[BaseModel] = get_type_hints(endpoint)["body"]
 
         async def handle(request: Request) -> Response:
+            raw = await _json_body(request)
+            if isinstance(raw, Response):
+                return raw
             try:
-                body = model.model_validate_json(await request.body())
+                body = model.model_validate_json(raw)
             except ValidationError as exc:
                 return _malformed(exc.errors())
             namespace = request.query_params.get("namespace", DEFAULT_NAMESPACE)
@@ -326,12 +379,34 @@ class _DirectRoute(Route):
 
         super().__init__(declared.path, handle, methods=declared.methods, include_in_schema=False)
 
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        """Like the declared route, but only with a plain JSON content type."""
-        match, child_scope = super().matches(scope)
-        if match is Match.FULL and _JSON_CONTENT not in scope["headers"]:
-            return Match.NONE, {}
-        return match, child_scope
+
+class _CheckedPath:
+    """Refuses, before routing, a path or query that is not UTF-8 once percent-decoded
+    (decoding it with replacement would make ``a%FF`` and ``a%FE`` one name), and a
+    path with control characters (a newline would otherwise not match the routes)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = _path_problem(scope)
+            if problem is not None:
+                await _refusal(400, problem)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _path_problem(scope: Scope) -> str | None:
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+    try:
+        path = unquote_to_bytes(raw_path).decode("utf-8")
+        unquote_to_bytes(scope.get("query_string", b"")).decode("utf-8")
+    except UnicodeDecodeError:
+        return "the request path or query is not valid UTF-8 once percent-decoded"
+    if CONTROL_CHARACTERS.search(path):
+        return f"the request path must not contain control characters: {path!r}"
+    return None
 
 
 def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
@@ -366,6 +441,7 @@ def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
     app.add_exception_handler(LockError, _lock_error)
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(_CheckedPath)
     return app
 
 
