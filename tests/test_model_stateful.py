@@ -762,7 +762,10 @@ class ConcurrentFileMachine(ConcurrentMachine):
         """The next write fails: everyone still waiting hears BackendUnavailable, then a
         restart brings back every hold a caller was told of (with at least what it had left)."""
         self.gate.fail()
-        self.acquire(name, owner, 1.0, "now")
+        self.acquire(name, owner, 1.0, "now")  # fails if it writes; else it did not count
+        with pytest.raises(BackendUnavailable):  # a grant of a free name always writes
+            self.runner.run(self.backend.acquire(NS, "free", owner, ttl=1.0, wait=0))
+        self.spin()
         for attempt in self.attempts:
             if attempt.outcome is None:
                 assert attempt.task.done(), f"{attempt.owner} still waits on a failed store"
