@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit serve bench clean
+.PHONY: test lint typecheck unit serve bench safety clean
 
 $(STAMP): pyproject.toml
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
@@ -28,6 +28,10 @@ unit: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/lockd serve $(SERVE_ARGS)
+
+# Longer campaigns than make test: 100,000 one-off lock names on every store.
+safety: $(STAMP)
+	LOCKD_GROWTH_NAMES=100000 $(VENV)/bin/pytest --timeout 1800 tests/test_growth.py tests/redis/test_growth.py
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[server,redis,bench]"
