@@ -304,10 +304,10 @@ local function waiter_value(w)
   return string.format('%s|%d|%d|%d', w.attempt, w.ttl, w.enqueued, w.deadline)
 end
 
--- Write a waiter; the queue lives until the retention after its deadline (every
--- waiter's lease is the same, so the newest deadline is the latest).
-local function put_waiter(w)
-  redis.call('HSET', K_WAITERS, w.id, waiter_value(w))
+-- Write a waiter (`written`: it is already); the queue lives until the retention after
+-- its deadline (every waiter's lease is the same, so the newest deadline is the latest).
+local function put_waiter(w, written)
+  if not written then redis.call('HSET', K_WAITERS, w.id, waiter_value(w)) end
   local at = string.format('%d', w.deadline + RETAIN_MS)
   redis.call('PEXPIREAT', K_WAITERS, at)
   redis.call('PEXPIREAT', K_QUEUE, at)
@@ -606,12 +606,13 @@ if n_holds < limit then  -- a free slot: settled, so nobody waits
 end
 if mode == 'try' then return finish({'denied', holders_text()}) end
 local w = {id = id, attempt = attempt, ttl = ttl, enqueued = now_us, deadline = now + lease}
-if redis.call('HSETNX', K_WAITERS, id, waiter_value(w)) == 0 then
+local written = redis.call('HSETNX', K_WAITERS, id, waiter_value(w)) == 1
+if not written then
   local queued_before = own_waiter(id)
   if queued_before then return take_over(queued_before) end
 end
 redis.call('RPUSH', K_QUEUE, id)
-put_waiter(w)
+put_waiter(w, written)
 return queued()
 """,
 )
