@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 import redis
-from lockd import AcquireTimeout, LockLost, NotHeld, Revoked
+from lockd import AcquireTimeout, InvalidRequest, LockLost, NotHeld, Revoked
 from lockd.backends.redis import RedisBackend
 from lockd.backends.redlock import RedlockBackend
 from tests.redisproc import RedisProcess, running_redis, running_redis_nodes
@@ -162,3 +163,11 @@ async def test_a_names_records_are_pruned_together(backend: RedisBackend) -> Non
     await asyncio.sleep(RETENTION + TTL)
     with pytest.raises(Revoked):
         await backend.release(NS, "together", "a", evicted.token)
+
+
+@pytest.mark.parametrize("retention", [0, -1, 0.0001, 86401, True, "600", float("nan")])
+def test_a_retention_out_of_range_is_refused(retention: Any) -> None:
+    with pytest.raises(InvalidRequest, match="retention"):
+        RedisBackend("redis://127.0.0.1:6379/0", retention=retention)
+    with pytest.raises(InvalidRequest, match="retention"):
+        RedlockBackend("redlock://test", ["redis://127.0.0.1:6379/0"] * 3, retention=retention)
