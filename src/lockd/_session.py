@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -139,7 +140,15 @@ class HoldState:
         before the request that got this answer was sent): the deadline follows the store's
         latest word, longer or shorter."""
         self.deadline = anchor + ttl_left * (1 - DRIFT)
-        self.renew_at = anchor + self.ttl * RENEW_FRACTION
+        # A lease shorter than the ttl (a renewal sent before a longer re-entry, applied
+        # after it) is renewed in time for its own end.
+        self.renew_at = anchor + min(self.ttl, ttl_left) * RENEW_FRACTION
+
+    def unheard(self, sent: float, ttl: float) -> None:
+        """An extend to ``ttl`` sent at ``sent`` went unanswered: the store may have
+        applied it, so the deadline (and the next renewal) may only come sooner."""
+        self.deadline = min(self.deadline, sent + ttl * (1 - DRIFT))
+        self.renew_at = min(self.renew_at, sent + ttl * RENEW_FRACTION)
 
     def state_at(self, now: float) -> LockState:
         """The state as of ``now``: a live hold whose deadline has passed reads ``lost``
@@ -214,6 +223,8 @@ class Session:
         self._sweeper: asyncio.TimerHandle | None = None
         self._cleanups: dict[tuple[str, str], asyncio.Task[None]] = {}
         """Per (name, owner): undoing at the store a hold or request given up here."""
+        self._acquiring: set[asyncio.Task[Any]] = set()
+        """The tasks of acquires under way on the loop (closing cancels them)."""
         self.closed = False
 
     def hold(self, name: str, owner: str) -> HoldState | None:
@@ -249,6 +260,20 @@ class Session:
     async def acquire(
         self, want: Want, request_id: str | None = None, sent: float | None = None
     ) -> HoldState:
+        """Acquire (or re-enter) and start the watchdog; ClientClosed once closing began."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._acquiring.add(task)
+        try:
+            return await self._acquire(want, request_id, sent)
+        except asyncio.CancelledError:
+            if self.closed:  # closing cancelled it; the store has undone it
+                raise ClientClosed("this client was closed while acquiring") from None
+            raise
+        finally:
+            self._acquiring.discard(task)
+
+    async def _acquire(self, want: Want, request_id: str | None, sent: float | None) -> HoldState:
         """Acquire (or re-enter) and start the watchdog.
 
         A request the store may have applied without our hearing (BackendUnavailable)
@@ -287,9 +312,13 @@ class Session:
                 raise
             known = self.hold(name, owner)
             stale = known is not None and known.ended and known.token == grant.token
-            if not stale and _lease_end(begun, grant) > time.monotonic():
+            anchor = _granted_at(start, begun, grant)
+            if self.closed:  # granted as the client closes: nobody will renew it
+                await self._release_all(name, owner, grant.token, 1)
+                self.check_open()
+            if not stale and _lease_end(anchor, grant) > time.monotonic():
                 # No await below: a cancellation must not land between the grant and its record.
-                return self._record(grant, want, begun)
+                return self._record(grant, want, anchor)
             # An orphan of ours re-entered, or a lease already over: never hand it out.
             await self._release_all(name, owner, grant.token, grant.count)
             rid = _request_id()
@@ -325,18 +354,29 @@ class Session:
             retry = self.acquire(want, request_id=rid, sent=sent)
             try:
                 return Call(self._rt, retry, give_back=give_back).result()
+            except ClientClosed:  # closed before the loop took the request up
+                self._abandon_soon(name, owner, rid, want.ttl)
+                raise
             except Exception:
                 raise
             except BaseException:  # interrupted, maybe before the loop took the request up
                 self._abandon_soon(name, owner, rid, want.ttl)
                 raise
+        except AcquireTimeout:
+            self.check_open()  # closed while it waited: say so
+            raise
         except BaseException:  # interrupted: the store may have applied it, so undo it
             self._abandon_soon(name, owner, rid, want.ttl)
             raise
-        if _lease_end(sent, grant) <= time.monotonic():  # answered after the lease was over
+        if self.closed:  # granted as the client closes: nobody will renew it
+            with contextlib.suppress(NotHeld, BackendUnavailable):
+                direct.release(self.namespace, name, owner, grant.token, _request_id())
+            self.check_open()
+        anchor = _granted_at(sent, sent, grant)
+        if _lease_end(anchor, grant) <= time.monotonic():  # answered after the lease was over
             self._abandon_soon(name, owner, rid, want.ttl)
             return None  # the loop path asks anew once that is undone
-        return self._record(grant, want, sent)
+        return self._record(grant, want, anchor)
 
     def _abandon_soon(self, name: str, owner: str, rid: str, ttl: float) -> None:
         """Have the loop undo acquire ``rid``, whatever the store made of it."""
@@ -352,11 +392,23 @@ class Session:
             f"abandoning a request for {name!r} on {self.label}",
         )
 
-    async def _release_all(self, name: str, owner: str, token: int, count: int) -> None:
-        """Release every count of the store's hold ``token`` (one given up here)."""
+    async def _release_all(
+        self, name: str, owner: str, token: int, count: int, until: float | None = None
+    ) -> None:
+        """Release the ``count`` counts this session had of the store's hold ``token``
+        (one given up here), retrying while the store is unreachable until ``until``
+        (None: no retry). Each release keeps its request id across retries, so it is
+        applied once: an owner shared with another client keeps that client's counts."""
         for _ in range(max(1, count)):
+            release = functools.partial(
+                self.backend.release, self.namespace, name, owner, token, _request_id()
+            )
             try:
-                left = await self.backend.release(self.namespace, name, owner, token)
+                left = await _retrying(
+                    release,
+                    time.monotonic() if until is None else until,
+                    f"releasing {name!r}, given up, on {self.label}",
+                )
             except NotHeld:
                 return
             if left == 0:
@@ -364,12 +416,8 @@ class Session:
 
     async def _drain(self, hold: HoldState) -> None:
         """Release at the store a hold given up here, while it may still be there."""
-
-        async def release_all() -> None:
-            await self._release_all(hold.name, hold.owner, hold.token, hold.count)
-
-        await _retrying(release_all, time.monotonic() + max(hold.ttl, RETRY_MAX),
-                        f"releasing {hold.name!r}, given up, on {self.label}")  # fmt: skip
+        await self._release_all(hold.name, hold.owner, hold.token, hold.count,
+                                time.monotonic() + max(hold.ttl, RETRY_MAX))  # fmt: skip
 
     def _undo_soon(self, key: tuple[str, str], undo: Coroutine[Any, Any, None]) -> None:
         """Run ``undo`` in the background (on the loop); an acquire of ``key`` waits for it."""
@@ -392,10 +440,10 @@ class Session:
             timeout = None if end is None else max(0.0, end - time.monotonic())
             await asyncio.wait({task}, timeout=timeout)
 
-    def _record(self, grant: Grant, want: Want, sent: float) -> HoldState:
-        """Record a grant (new hold, or a re-entry of the known one) and watch it."""
+    def _record(self, grant: Grant, want: Want, anchor: float) -> HoldState:
+        """Record a grant made no earlier than ``anchor`` (new hold, or a re-entry of the
+        known one) and watch it."""
         listener = want.listener
-        anchor = sent + grant.waited * (1 - DRIFT)  # when the store granted, at the latest
         key = (grant.name, grant.owner)
         with self._guard:
             known = self._holds.get(key)
@@ -533,7 +581,8 @@ class Session:
             raise
         except BaseException:
             if hold is not None:
-                self._watch(hold)  # not extended: renewal goes on as before
+                hold.unheard(sent, ttl)  # maybe applied, maybe not
+                self._watch(hold)  # renewal goes on with the hold's ttl
             raise
         if hold is not None:
             hold.ttl = ttl
@@ -545,6 +594,8 @@ class Session:
     async def close(self, release: bool = True) -> None:
         """Stop every watchdog; release every hold still had, or leave them to expire."""
         self.closed = True
+        for acquiring in list(self._acquiring):  # they end with ClientClosed
+            acquiring.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -737,9 +788,20 @@ class Session:
                 del self._holds[(hold.name, hold.owner)]
 
 
-def _lease_end(sent: float, grant: Grant) -> float:
-    """The local deadline of ``grant``, answering a request sent at ``sent``."""
-    return sent + grant.waited * (1 - DRIFT) + grant.ttl * (1 - DRIFT)
+def _granted_at(first: float, sent: float, grant: Grant) -> float:
+    """The earliest moment the store can have granted ``grant``: answering the attempt
+    sent at ``sent`` of an acquire first sent at ``first``.
+
+    A store that keeps a waiter across calls (redis) counts ``waited`` from the first
+    call's arrival, not the retry's, so it is added to ``first``; and no answer to this
+    attempt starts its lease before the attempt was sent.
+    """
+    return max(sent, first + grant.waited * (1 - DRIFT))
+
+
+def _lease_end(anchor: float, grant: Grant) -> float:
+    """The local deadline of ``grant``, made no earlier than ``anchor``."""
+    return anchor + grant.ttl * (1 - DRIFT)
 
 
 async def _retrying(op: Callable[[], Awaitable[T]], deadline: float | None, what: str) -> T:
