@@ -584,7 +584,7 @@ class Session:
                 hold.unheard(sent, ttl)  # maybe applied, maybe not
                 self._watch(hold)  # renewal goes on with the hold's ttl
             raise
-        if hold is not None:
+        if hold is not None and not hold.ended:  # released meanwhile: it stays so
             hold.ttl = ttl
             hold.lease(sent, grant.ttl)
             hold.state = LockState.HELD

@@ -137,6 +137,8 @@ class _LockBase(Generic[T]):
         self.on_lost = on_lost
         self._notifiers: dict[object, Callable[[HoldState], None]] = {}
         """One listener per event loop (or one for threads), so nesting calls on_lost once."""
+        self._lost_events: dict[object, tuple[HoldState, asyncio.Event]] = {}
+        """AsyncLock.lost: per event loop, the hold its event was made for, and the event."""
 
     # the two facades fill these in
     def _base(self) -> _ClientBase:
@@ -531,11 +533,14 @@ class AsyncLock(_LockBase[AsyncClient]):
     @property
     def lost(self) -> asyncio.Event:
         """An event in the running loop, set when the current owner's hold ends badly."""
-        event = asyncio.Event()
         hold = self._hold()
         if hold is None:
-            return event
+            return asyncio.Event()
         loop = asyncio.get_running_loop()
+        made = self._lost_events.get(loop)
+        if made is not None and made[0] is hold:
+            return made[1]  # one event (and one listener) per hold and loop
+        event = asyncio.Event()
 
         def notify(_: HoldState) -> None:
             loop.call_soon_threadsafe(event.set)
@@ -543,6 +548,7 @@ class AsyncLock(_LockBase[AsyncClient]):
         hold.listeners.append(notify)
         if hold.lost.is_set():
             event.set()
+        self._lost_events[loop] = (hold, event)
         return event
 
     def __enter__(self) -> None:

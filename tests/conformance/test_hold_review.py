@@ -202,3 +202,48 @@ def test_a_retried_wait_counts_its_lease_from_no_earlier_than_the_retry(
     waiting.outcome()
     lease_is_truthful(other_client, lock)
     lock.release()
+
+
+def test_an_extend_answered_after_the_release_does_not_revive_the_hold(
+    client: lockd.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads hold as one owner; one extends (applied, its answer held back), the
+    other releases the last count meanwhile: the released hold stays released, with no
+    renewal and no false loss afterwards."""
+    loop = client._rt.loop
+    applied, gate = asyncio.Event(), asyncio.Event()
+    real = client._session.backend
+
+    async def answer_held_back(*args: Any, **kwargs: Any) -> lockd.Grant:
+        grant: lockd.Grant = await real.extend(*args, **kwargs)
+        applied.set()
+        await gate.wait()
+        return grant
+
+    inject(monkeypatch, client, extend=answer_held_back)
+    losses: list[BaseException] = []
+    lock = client.lock("revived", ttl=0.6, owner="two-threads", on_lost=losses.append)
+    lock.acquire()
+    extending = start(lambda: lock.extend(3))
+    wait_until(applied.is_set, 2, "the extend was applied")
+    start(lock.release).outcome()
+    loop.call_soon_threadsafe(gate.set)
+    extending.outcome()
+    time.sleep(1.2)  # two renewal intervals of the ttl extended to
+    assert lock.state is LockState.RELEASED
+    assert losses == []
+    assert client.inspect("revived").holders == ()
+
+
+async def test_reading_async_lost_does_not_pile_up_listeners(aclient: lockd.AsyncClient) -> None:
+    lock = aclient.lock("listeners", ttl=5)
+    await lock.acquire()
+    events = [lock.lost for _ in range(100)]
+    hold = lock._hold()
+    assert hold is not None
+    assert len(hold.listeners) <= 1
+    await aclient.force_release("listeners")
+    await asyncio.wait_for(events[0].wait(), 3)
+    assert all(event.is_set() for event in events)
+    with pytest.raises(lockd.Revoked):
+        await lock.release()
