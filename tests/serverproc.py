@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -46,26 +47,35 @@ def stop_process(process: subprocess.Popen[bytes], sig: int, timeout: float) -> 
     return process.returncode
 
 
-def start_server(store: str, cwd: str | None = None, timeout: float = 20.0) -> ServerProcess:
+def start_server(
+    store: str,
+    cwd: str | None = None,
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
     """Start ``lockd serve --store STORE`` on a free port and wait until it answers.
 
+    ``env`` adds environment variables (server settings such as ``LOCKD_MAX_POLL``).
     The port is free when chosen but may be taken before the server binds it: then the
     server exits at once, and another port is tried.
     """
     for attempt in range(3):
         try:
-            return _start_server(store, cwd, timeout)
+            return _start_server(store, cwd, timeout, env)
         except RuntimeError:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start_server(store: str, cwd: str | None, timeout: float) -> ServerProcess:
+def _start_server(
+    store: str, cwd: str | None, timeout: float, env: dict[str, str] | None
+) -> ServerProcess:
     port = free_port()
     command = [sys.executable, "-m", "lockd.cli", "serve", "--store", store, "--port", str(port),
                "--log-level", "warning"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})})  # fmt: skip
     server = ServerProcess(process, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,9 +93,11 @@ def _start_server(store: str, cwd: str | None, timeout: float) -> ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(store: str, cwd: str | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    store: str, cwd: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     """A server for the duration of a ``with`` block."""
-    server = start_server(store, cwd)
+    server = start_server(store, cwd, env=env)
     try:
         yield server
     finally:

@@ -209,7 +209,14 @@ def test_openapi_describes_the_lock_routes_and_their_bodies(http: httpx.Client) 
         assert {p["name"] for p in post["parameters"]} == {"name", "namespace"}
     acquire_body = spec["components"]["schemas"]["AcquireBody"]
     assert acquire_body["required"] == ["ttl"]
-    assert set(acquire_body["properties"]) == {"owner", "ttl", "wait", "limit", "request_id"}
+    assert set(acquire_body["properties"]) == {
+        "owner",
+        "ttl",
+        "wait",
+        "limit",
+        "request_id",
+        "wait_total",
+    }
 
 
 def test_oversized_name_is_400(http: httpx.Client) -> None:

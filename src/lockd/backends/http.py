@@ -6,10 +6,12 @@ split into several polls with the same request id. A request that fails in trans
 gets 503 is retried with the same request id until its deadline, which the server's
 request-id memory makes safe: a retried acquire or release applies once.
 
-Known limits: a queued waiter keeps its FIFO place within one long-poll (at most
-``max_poll`` seconds, 60 by default); a longer wait re-queues at the end of each poll.
-A cancelled acquire closes its poll and *abandons* its request id, so a grant in flight
-is given back rather than lost.
+Each poll tells the server the whole wait left (``wait_total``), so the server keeps the
+waiter's FIFO place between polls for its waiter lease (a few seconds), and a grant made
+between two polls is kept for the next. A client that comes back after the lease has
+lost its request: its acquire ends with AcquireTimeout. A cancelled acquire closes its
+poll and *abandons* its request id, so a grant in flight is given back rather than
+lost.
 """
 
 from __future__ import annotations
@@ -109,10 +111,12 @@ class HttpBackend(Backend):
         end = None if wait is None else start + wait
         while True:
             poll_sent = time.monotonic()
-            left = self.max_poll if end is None else max(0.0, end - poll_sent)
-            poll = min(left, self.max_poll)
-            body = {"owner": owner, "ttl": ttl, "wait": poll, "limit": limit,
-                    "request_id": request_id}  # fmt: skip
+            left = None if end is None else max(0.0, end - poll_sent)
+            poll = self.max_poll if left is None else min(left, self.max_poll)
+            # wait_total tells the server whether another poll follows: then it keeps our
+            # place in the queue (and a grant made meanwhile) until that poll arrives.
+            body = {"owner": owner, "ttl": ttl, "wait": poll, "wait_total": left,
+                    "limit": limit, "request_id": request_id}  # fmt: skip
             try:
                 data = await self._call(
                     "POST", f"/v1/locks/{_path(name)}/acquire", namespace, json=body,
@@ -122,12 +126,11 @@ class HttpBackend(Backend):
             except AcquireTimeout:
                 now = time.monotonic()
                 if (end is not None and now >= end) or now - poll_sent < poll * 0.9:
-                    raise  # our wait is over, or the server ended the poll early (a retry)
+                    raise  # our wait is over, or the server ended the poll early
                 continue
-            grant = _grant(data)
-            # The store granted no earlier than this poll was sent plus its own queue time.
-            waited = poll_sent - start + grant.waited
-            return Grant(grant.name, grant.owner, grant.token, grant.count, grant.ttl, waited)
+            # The server's acquire began no earlier than our first poll was sent (at
+            # start), and its store counts the queue time from then, across polls.
+            return _grant(data)
 
     async def _release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None

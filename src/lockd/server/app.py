@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict
@@ -38,12 +40,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lockd.backends import Backend, connect
 from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
-from lockd.model import CONTROL_CHARACTERS, DEFAULT_NAMESPACE, Grant
+from lockd.model import CONTROL_CHARACTERS, DEFAULT_NAMESPACE, Grant, check_wait
+from lockd.server.waiters import Waiters
 
-__all__ = ["MAX_POLL", "STATUS", "create_app"]
+__all__ = ["MAX_POLL", "STATUS", "WAITER_LEASE", "create_app"]
 
 MAX_POLL = 60.0
-"""Longest ``wait`` one acquire request may long-poll, in seconds."""
+"""Longest ``wait`` one acquire request may long-poll, in seconds, unless set otherwise
+(``create_app(max_poll=...)`` or the ``LOCKD_MAX_POLL`` environment variable)."""
+WAITER_LEASE = 5.0
+"""Seconds a waiter's place is kept after its poll ends, for its next poll (``create_app(
+waiter_lease=...)`` or ``LOCKD_WAITER_LEASE``)."""
 
 STATUS: dict[str, int] = {
     "invalid": 400,
@@ -87,10 +94,20 @@ class AcquireBody(_Body):
     )
     ttl: float = Field(description="Seconds the hold lasts unless extended (0.1 to 604800).")
     wait: float = Field(
-        0.0, description=f"Seconds to wait in the FIFO queue (0 to {MAX_POLL:.0f})."
+        0.0,
+        description="Seconds this poll waits in the FIFO queue (0 to max_poll, see /v1/info).",
     )
     limit: int = Field(1, description="Holders allowed at once: 1 for a lock, N for a semaphore.")
     request_id: str | None = Field(None, description="Retries with the same id apply once.")
+    wait_total: float | None = Field(
+        None,
+        description="The whole wait left, of which this poll is the first `wait` seconds; "
+        "null: without end; omitted: equal to `wait`. When longer than `wait` (and "
+        "request_id is given), the place in the queue is kept for `waiter_lease` seconds "
+        "(see /v1/info) after this poll ends, for the next poll with the same request_id; "
+        "a grant made meanwhile is kept for it. No poll within the lease: the request is "
+        "abandoned.",
+    )
 
 
 class ReleaseBody(_Body):
@@ -141,21 +158,37 @@ async def acquire(
     name: str, body: AcquireBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
     """Grant at once or after a bounded wait; 409 with the holders when not granted."""
-    if body.wait > MAX_POLL:
+    max_poll: float = request.app.state.max_poll
+    poll = check_wait(body.wait)
+    assert poll is not None  # a number: the body's model says so
+    if poll > max_poll:
         raise InvalidRequest(
-            f"wait must be at most {MAX_POLL:.0f} seconds per request; loop for longer waits",
+            f"wait must be at most {max_poll:g} seconds per request; loop for longer waits",
             name=name,
         )
+    total = check_wait(body.wait_total) if "wait_total" in body.model_fields_set else poll
+    if total is not None and total < poll:
+        raise InvalidRequest(f"wait_total must be at least wait, not {total}", name=name)
     owner = body.owner if body.owner is not None else _new_owner(body.request_id)
+    # A poll that another poll will follow waits in the store for the whole wait left.
+    keep = body.request_id is not None and (total is None or total > poll)
     backend = _backend(request)
-    acquiring = backend.acquire(namespace, name, owner, ttl=body.ttl, wait=body.wait,
-                                limit=body.limit, request_id=body.request_id)  # fmt: skip
+    waiters: Waiters = request.app.state.waiters
+    key = (namespace, name, owner, body.request_id or "")
+
+    def start() -> Coroutine[Any, Any, Grant]:
+        return backend.acquire(namespace, name, owner, ttl=body.ttl, wait=total if keep else poll,
+                               limit=body.limit, request_id=body.request_id)  # fmt: skip
+
     try:
-        # With no wait there is nothing to race: answer directly.
-        if body.wait == 0:
-            grant = await acquiring
+        # With no wait and nothing to take up, there is nothing to race: answer directly.
+        if poll == 0 and not keep and key not in waiters:
+            grant = await start()
         else:
-            grant = await _unless_gone(request, acquiring, name, owner)
+            grant = await waiters.poll(
+                key, body.request_id, start, wait=poll if keep else None, keep=keep,
+                gone=_disconnected(request), draining=request.app.state.draining.wait(),
+            )  # fmt: skip
     except AcquireTimeout as exc:
         info = await backend.inspect(namespace, name)
         holders = [_plain(h) for h in info.holders]
@@ -169,27 +202,6 @@ def _new_owner(request_id: str | None) -> str:
     if request_id is None:
         return uuid.uuid4().hex
     return uuid.uuid5(_OWNER_IDS, request_id).hex
-
-
-async def _unless_gone(
-    request: Request, acquiring: Coroutine[Any, Any, Grant], name: str, owner: str
-) -> Grant:
-    """Wait for the grant, unless the client disconnects or the server drains first."""
-    call = asyncio.ensure_future(acquiring)
-    gone = asyncio.ensure_future(_disconnected(request))
-    drain = asyncio.ensure_future(request.app.state.draining.wait())
-    try:
-        await asyncio.wait({call, gone, drain}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (gone, drain):
-            task.cancel()
-        if not call.done():
-            call.cancel()  # the backend leaves the queue, or gives back a grant
-            with contextlib.suppress(BaseException):
-                await call
-    if call.cancelled():
-        raise BackendUnavailable("server is shutting down; retry", name=name, owner=owner)
-    return call.result()
 
 
 @router.post("/v1/locks/{name:path}/release", summary="Release one count of a hold")
@@ -207,6 +219,8 @@ async def abandon(
     name: str, body: AbandonBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
     """Queued: leaves the queue; granted: released once; not arrived yet: refused later."""
+    waiters: Waiters = request.app.state.waiters
+    await waiters.abandon((namespace, name, body.owner, body.request_id))
     await _backend(request).abandon(namespace, name, body.owner, body.request_id)
     return JSONResponse({"name": name, "owner": body.owner, "abandoned": True})
 
@@ -257,7 +271,8 @@ async def info(request: Request) -> dict[str, Any]:
             "fair": caps.fair,
             "durable": caps.durable,
         },
-        "max_poll": MAX_POLL,
+        "max_poll": request.app.state.max_poll,
+        "waiter_lease": request.app.state.waiter_lease,
     }
 
 
@@ -409,17 +424,33 @@ def _path_problem(scope: Scope) -> str | None:
     return None
 
 
-def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
-    """The ASGI app serving ``store`` (a URL, or an open Backend the caller closes)."""
+def create_app(
+    store: str | Backend = "file://./lockd-data",
+    *,
+    max_poll: float | None = None,
+    waiter_lease: float | None = None,
+) -> FastAPI:
+    """The ASGI app serving ``store`` (a URL, or an open Backend the caller closes).
+
+    ``max_poll`` and ``waiter_lease`` default to the ``LOCKD_MAX_POLL`` and
+    ``LOCKD_WAITER_LEASE`` environment variables, else ``MAX_POLL`` and ``WAITER_LEASE``.
+    """
+    poll = _seconds_setting("max_poll", max_poll, "LOCKD_MAX_POLL", MAX_POLL)
+    lease = _seconds_setting("waiter_lease", waiter_lease, "LOCKD_WAITER_LEASE", WAITER_LEASE)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.backend = connect(store) if isinstance(store, str) else store
-        await app.state.backend.open()
+        if isinstance(store, str):
+            app.state.backend = connect(store)
+            await app.state.backend.open()
+        else:
+            app.state.backend = store
+        app.state.waiters = Waiters(app.state.backend, lease)
         try:
             yield
         finally:
             app.state.draining.set()
+            await app.state.waiters.aclose()
             if isinstance(store, str):
                 await app.state.backend.aclose()
 
@@ -430,6 +461,8 @@ def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
         lifespan=lifespan,
     )
     app.state.draining = asyncio.Event()
+    app.state.max_poll = poll
+    app.state.waiter_lease = lease
     app.include_router(router)
     # First in line, so lock requests also skip the documentation routes and FastAPI's
     # routing through the included router.
@@ -443,6 +476,20 @@ def create_app(store: str | Backend = "file://./lockd-data") -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(_CheckedPath)
     return app
+
+
+def _seconds_setting(what: str, given: float | None, variable: str, default: float) -> float:
+    """A positive, finite number of seconds: given, else from the environment, else default."""
+    value: object = given
+    if value is None:
+        value = os.environ.get(variable, default)
+        with contextlib.suppress(ValueError):
+            value = float(value)  # type: ignore[arg-type]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidRequest(
+            f"{what} ({variable}) must be a positive number of seconds, not {value!r}"
+        )
+    return float(value)
 
 
 async def _disconnected(request: Request) -> None:
