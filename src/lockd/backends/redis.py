@@ -609,6 +609,10 @@ class _RedisDirect(DirectPath):
             raise exc
         raise error from exc
 
+    def has_idle(self) -> bool:
+        """Whether a connection is ready (a new one would first wait for Redis)."""
+        return bool(self._idle)
+
     def _put_back(self, conn: Any) -> None:
         if self._closed:  # closed while this call was under way
             conn.disconnect()

@@ -844,13 +844,19 @@ class _RedlockDirect(DirectPath):
     def _fan(
         self, script: str, namespace: str, name: str, args: tuple[Any, ...], within: float
     ) -> dict[int, list[Any] | _Down]:
-        """Send ``script`` to every node, then read the replies, all within ``within`` s."""
+        """Send ``script`` to every node, then read the replies, all within ``within`` s.
+
+        Nodes with an idle connection go first: making a new connection waits for the
+        node's answer (a paused node's, up to the deadline), which must not hold back the
+        others' requests."""
         deadline = time.monotonic() + within
         command = self._backend._nodes[0]._evalsha(script, namespace, name, args)
         replies: dict[int, list[Any] | _Down] = {}
         sent: dict[int, Any] = {}
+        order = sorted(range(len(self._nodes)), key=lambda i: not self._nodes[i].has_idle())
         try:
-            for i, node in enumerate(self._nodes):
+            for i in order:
+                node = self._nodes[i]
                 try:
                     sent[i] = node.send(command, _left(deadline))
                 except BackendUnavailable:
