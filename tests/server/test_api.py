@@ -333,3 +333,63 @@ def test_clients_opened_at_once_share_one_backend(server: ServerProcess) -> None
     finally:
         for client in clients:
             client.close()
+
+
+DOCUMENTED = {
+    ("post", "/v1/locks/{name}/acquire"): {200, 400, 409, 413, 415, 500, 503},
+    ("post", "/v1/locks/{name}/release"): {200, 400, 409, 413, 415, 500, 503},
+    ("post", "/v1/locks/{name}/extend"): {200, 400, 409, 413, 415, 500, 503},
+    ("post", "/v1/locks/{name}/abandon"): {200, 400, 413, 415, 500, 503},
+    ("get", "/v1/locks/{name}"): {200, 400, 500, 503},
+    ("delete", "/v1/locks/{name}"): {200, 400, 500, 503},
+    ("get", "/v1/locks"): {200, 400, 500, 503},
+    ("get", "/v1/info"): {200},
+    ("get", "/healthz"): {200},
+    ("get", "/readyz"): {200, 503},
+}
+"""What each route answers (the tests of this folder see each of these statuses)."""
+
+
+def _schema(spec: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    ref = response["content"]["application/json"]["schema"]["$ref"]
+    found: dict[str, Any] = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    return found
+
+
+def test_openapi_documents_the_real_statuses_and_bodies(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    routes = {(m, p): op for p, ops in spec["paths"].items() for m, op in ops.items()}
+    assert set(routes) == set(DOCUMENTED)
+    for route, statuses in DOCUMENTED.items():
+        answers = routes[route]["responses"]
+        assert {int(s) for s in answers} == statuses, route
+        for status in answers:
+            assert _schema(spec, answers[status])["properties"], (route, status)
+    assert "422" not in http.get("/openapi.json").text
+    # The documented bodies are the bodies the server sends.
+    grant = acquire(http, "job", owner="a").json()
+    post = routes[("post", "/v1/locks/{name}/acquire")]["responses"]
+    assert set(_schema(spec, post["200"])["properties"]) == set(grant)
+    busy = acquire(http, "job", owner="b").json()
+    assert set(busy) <= set(_schema(spec, post["409"])["properties"])
+    got = routes[("get", "/v1/locks/{name}")]["responses"]
+    assert set(_schema(spec, got["200"])["properties"]) == set(http.get("/v1/locks/job").json())
+    info = routes[("get", "/v1/info")]["responses"]
+    assert set(_schema(spec, info["200"])["properties"]) == set(http.get("/v1/info").json())
+    release = routes[("post", "/v1/locks/{name}/release")]["responses"]
+    body = http.post("/v1/locks/job/release", json={"owner": "a"}).json()
+    assert set(_schema(spec, release["200"])["properties"]) == set(body)
+
+
+def test_docs_load_without_any_other_host(http: httpx.Client) -> None:
+    import re
+
+    page = http.get("/docs")
+    assert page.status_code == 200
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page.text), page.text
+    assets = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", page.text)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        r = http.get(asset)
+        assert r.status_code == 200 and len(r.content) > 1000, asset
+    assert "/openapi.json" in page.text

@@ -3,15 +3,18 @@
 Handlers parse the request, call the backend, and turn lockd errors into responses
 through one table (``STATUS``). The backend validates every value (``lockd.model``), so
 bad input gets the same clear error over HTTP as in Python. Every error is
-``{"error": code, "message": text}``; malformed bodies are 400, never 5xx.
+``{"error": code, "message": text}``; malformed bodies are 400, never 5xx; bodies that
+are not JSON are 415, larger than ``MAX_BODY`` 413.
 
-A waiting acquire is a bounded long-poll (``wait`` up to ``MAX_POLL`` seconds; the SDK
-loops for longer). It races three things: the grant, the client disconnecting (it then
-leaves the queue at once, and a grant made meanwhile is given back), and the server
-draining for shutdown (answered 503 at once so the client retries elsewhere).
+A waiting acquire is a bounded long-poll (``wait`` up to ``max_poll`` seconds; the SDK
+polls again for longer, and ``lockd.server.waiters`` keeps its place in the queue
+between polls). It races three things: the grant, the client disconnecting (it then
+leaves the queue, at once or after the waiter lease when another poll is to follow, and
+a grant made meanwhile is given back), and the server draining for shutdown (answered
+503 at once so the client retries elsewhere).
 
 The lock operations (acquire, release, extend, abandon) carry nearly all the traffic, so
-JSON requests to them skip FastAPI's request handling: ``_DirectRoute`` parses the body
+requests to them skip FastAPI's request handling: ``_DirectRoute`` parses the body
 with its model and calls the same endpoint function. FastAPI still routes the rest, and
 documents every route in OpenAPI.
 """
@@ -32,6 +35,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -41,6 +45,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lockd.backends import Backend, connect
 from lockd.errors import AcquireTimeout, BackendUnavailable, InvalidRequest, LockError
 from lockd.model import CONTROL_CHARACTERS, DEFAULT_NAMESPACE, Grant, check_wait
+from lockd.server.schema import (
+    LOCK_ERRORS,
+    STORE_ERRORS,
+    AbandonOut,
+    GrantOut,
+    InfoOut,
+    ListOut,
+    ReleaseOut,
+    ResourceOut,
+    RevokedOut,
+    StatusOut,
+    drop_422,
+    responses,
+)
 from lockd.server.waiters import Waiters
 
 __all__ = ["MAX_POLL", "STATUS", "WAITER_LEASE", "create_app"]
@@ -153,7 +171,11 @@ def _backend(request: Request) -> Backend:
     return result
 
 
-@router.post("/v1/locks/{name:path}/acquire", summary="Acquire a lock or semaphore slot")
+@router.post(
+    "/v1/locks/{name:path}/acquire",
+    summary="Acquire a lock or semaphore slot",
+    responses=responses(GrantOut, *LOCK_ERRORS, 409),
+)
 async def acquire(
     name: str, body: AcquireBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
@@ -204,7 +226,11 @@ def _new_owner(request_id: str | None) -> str:
     return uuid.uuid5(_OWNER_IDS, request_id).hex
 
 
-@router.post("/v1/locks/{name:path}/release", summary="Release one count of a hold")
+@router.post(
+    "/v1/locks/{name:path}/release",
+    summary="Release one count of a hold",
+    responses=responses(ReleaseOut, *LOCK_ERRORS, 409),
+)
 async def release(
     name: str, body: ReleaseBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
@@ -214,7 +240,11 @@ async def release(
     return JSONResponse({"name": name, "owner": body.owner, "count": left, "released": left == 0})
 
 
-@router.post("/v1/locks/{name:path}/abandon", summary="Undo an acquire whose caller has gone")
+@router.post(
+    "/v1/locks/{name:path}/abandon",
+    summary="Undo an acquire whose caller has gone",
+    responses=responses(AbandonOut, *LOCK_ERRORS),
+)
 async def abandon(
     name: str, body: AbandonBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
@@ -225,7 +255,11 @@ async def abandon(
     return JSONResponse({"name": name, "owner": body.owner, "abandoned": True})
 
 
-@router.post("/v1/locks/{name:path}/extend", summary="Extend a hold")
+@router.post(
+    "/v1/locks/{name:path}/extend",
+    summary="Extend a hold",
+    responses=responses(GrantOut, *LOCK_ERRORS, 409),
+)
 async def extend(
     name: str, body: ExtendBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
@@ -234,7 +268,12 @@ async def extend(
     return JSONResponse(_plain(grant))
 
 
-@router.get("/v1/locks/{name:path}", summary="Holders, waiters and last token of a name")
+@router.get(
+    "/v1/locks/{name:path}",
+    summary="Holders, waiters and last token of a name",
+    response_model=None,
+    responses=responses(ResourceOut, *STORE_ERRORS),
+)
 async def inspect(
     name: str, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> dict[str, Any]:
@@ -242,7 +281,12 @@ async def inspect(
     return asdict(await _backend(request).inspect(namespace, name))
 
 
-@router.get("/v1/locks", summary="Names with holders or waiters, by prefix")
+@router.get(
+    "/v1/locks",
+    summary="Names with holders or waiters, by prefix",
+    response_model=None,
+    responses=responses(ListOut, *STORE_ERRORS),
+)
 async def list_locks(
     request: Request, prefix: str = "", namespace: str = DEFAULT_NAMESPACE
 ) -> dict[str, Any]:
@@ -251,7 +295,12 @@ async def list_locks(
     return {"locks": [asdict(info) for info in infos]}
 
 
-@router.delete("/v1/locks/{name:path}", summary="Force-release a name (admin)")
+@router.delete(
+    "/v1/locks/{name:path}",
+    summary="Force-release a name (admin)",
+    response_model=None,
+    responses=responses(RevokedOut, *STORE_ERRORS),
+)
 async def force_release(
     name: str, request: Request, owner: str | None = None, namespace: str = DEFAULT_NAMESPACE
 ) -> dict[str, Any]:
@@ -260,7 +309,12 @@ async def force_release(
     return {"name": name, "revoked": [asdict(h) for h in evicted]}
 
 
-@router.get("/v1/info", summary="The store's capabilities and this server's limits")
+@router.get(
+    "/v1/info",
+    summary="The store's capabilities and this server's limits",
+    response_model=None,
+    responses=responses(InfoOut),
+)
 async def info(request: Request) -> dict[str, Any]:
     """Safety level, fencing, fairness, durability of the store; the long-poll cap."""
     caps = _backend(request).capabilities
@@ -276,13 +330,23 @@ async def info(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz", summary="The server process is up")
+@router.get(
+    "/healthz",
+    summary="The server process is up",
+    response_model=None,
+    responses=responses(StatusOut),
+)
 async def healthz() -> dict[str, str]:
     """Always ok while the process serves."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The store answers")
+@router.get(
+    "/readyz",
+    summary="The store answers",
+    response_model=None,
+    responses=responses(StatusOut, 503),
+)
 async def readyz(request: Request) -> dict[str, str]:
     """503 while the store is unreachable or the server drains."""
     if request.app.state.draining.is_set():
@@ -454,12 +518,15 @@ def create_app(
             if isinstance(store, str):
                 await app.state.backend.aclose()
 
-    app = FastAPI(
+    # The documentation pages load their scripts and styles from this server, not a CDN.
+    app = FastAPIOffline(
         title="lockd",
         version="1",
         summary="Distributed locks with leases, fencing tokens and fair queues.",
         lifespan=lifespan,
     )
+    document = app.openapi
+    app.openapi = lambda: drop_422(document())  # type: ignore[method-assign]
     app.state.draining = asyncio.Event()
     app.state.max_poll = poll
     app.state.waiter_lease = lease
