@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,7 +26,8 @@ from tests.redisproc import RedisProcess, running_redis, running_redis_nodes
 NS = "default"
 TTL = 0.1  # the shortest ttl there is
 RETENTION = 0.2
-NAMES = 3000
+NAMES = int(os.environ.get("LOCKD_GROWTH_NAMES", "3000"))
+"""One-off names of the growth run (``make safety`` runs 100,000)."""
 PRUNED = TTL + RETENTION + 0.1
 """Seconds after the last call by which every key of an idle name has expired."""
 
