@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import unicodedata
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -184,3 +187,25 @@ def test_405_names_the_allowed_methods(
     assert r.status_code == 405
     assert r.json()["error"] == "invalid"
     assert sorted(m.strip() for m in r.headers["allow"].split(",")) == allow.split(", ")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"POST /v1/locks/a/acquire HTTP/1.1\r\nHost: x\r\ncontent-length: zz\r\n\r\n",
+    ],
+)
+def test_malformed_http_gets_the_json_error_shape(server: ServerProcess, raw: bytes) -> None:
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)
+    assert error["error"] == "invalid" and "malformed HTTP" in error["message"]

@@ -10,6 +10,7 @@ import uvloop
 
 from lockd.backends import Backend, connect, redact_url
 from lockd.server.app import create_app
+from lockd.server.protocol import JsonErrorHttpToolsProtocol
 
 __all__ = ["serve"]
 
@@ -49,8 +50,8 @@ def serve(
         backend = connect(store)
         app = create_app(backend)
         config = uvicorn.Config(
-            app, log_level=log_level, loop="uvloop", http="httptools", access_log=False,
-            lifespan="on",
+            app, log_level=log_level, loop="uvloop", http=JsonErrorHttpToolsProtocol,
+            access_log=False, lifespan="on",
         )  # fmt: skip
         config.lockd_app = app  # type: ignore[attr-defined]
         bound = sock.getsockname()[1]
