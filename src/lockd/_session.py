@@ -117,7 +117,11 @@ class HoldState:
         self.owner = owner
         self.ttl = ttl
         self.token = grant.token
-        self.count = grant.count
+        self.count = 1
+        """This session's acquires of the store's hold not yet released (an owner shared
+        with another client may have more there, which that client gives back)."""
+        self.undrained = 0
+        """Counts given up here that may still be at the store (see ``Session._drain``)."""
         self.state = LockState.HELD
         self.reason = ""
         self._lost: threading.Event | None = None
@@ -311,7 +315,12 @@ class Session:
                     self._undo_soon((name, owner), self._abandon(name, owner, rid, want.ttl))
                 raise
             known = self.hold(name, owner)
-            stale = known is not None and known.ended and known.token == grant.token
+            stale = (
+                known is not None
+                and known.ended
+                and known.token == grant.token
+                and known.undrained > 0
+            )
             anchor = _granted_at(start, begun, grant)
             if self.closed:  # granted as the client closes: nobody will renew it
                 await self._release_all(name, owner, grant.token, 1)
@@ -320,7 +329,13 @@ class Session:
                 # No await below: a cancellation must not land between the grant and its record.
                 return self._record(grant, want, anchor)
             # An orphan of ours re-entered, or a lease already over: never hand it out.
-            await self._release_all(name, owner, grant.token, grant.count)
+            # Give back this grant's count, and the orphan's unless its drain still runs.
+            with self._guard:
+                draining = (name, owner) in self._cleanups
+            orphaned = 0 if known is None or draining else known.undrained
+            await self._release_all(name, owner, grant.token, 1 + orphaned)
+            if known is not None and orphaned:
+                known.undrained = 0
             rid = _request_id()
             if end is not None and time.monotonic() >= end:
                 raise AcquireTimeout(f"{name!r} was not granted in time", name=name, owner=owner)
@@ -392,32 +407,31 @@ class Session:
             f"abandoning a request for {name!r} on {self.label}",
         )
 
-    async def _release_all(
-        self, name: str, owner: str, token: int, count: int, until: float | None = None
-    ) -> None:
-        """Release the ``count`` counts this session had of the store's hold ``token``
-        (one given up here), retrying while the store is unreachable until ``until``
-        (None: no retry). Each release keeps its request id across retries, so it is
-        applied once: an owner shared with another client keeps that client's counts."""
+    async def _release_all(self, name: str, owner: str, token: int, count: int) -> None:
+        """Give back ``count`` counts of the store's hold ``token`` (taken here)."""
         for _ in range(max(1, count)):
-            release = functools.partial(
-                self.backend.release, self.namespace, name, owner, token, _request_id()
-            )
             try:
-                left = await _retrying(
-                    release,
-                    time.monotonic() if until is None else until,
-                    f"releasing {name!r}, given up, on {self.label}",
-                )
+                left = await self.backend.release(self.namespace, name, owner, token)
             except NotHeld:
                 return
             if left == 0:
                 return
 
     async def _drain(self, hold: HoldState) -> None:
-        """Release at the store a hold given up here, while it may still be there."""
-        await self._release_all(hold.name, hold.owner, hold.token, hold.count,
-                                time.monotonic() + max(hold.ttl, RETRY_MAX))  # fmt: skip
+        """Release at the store the counts of a hold given up here, while it may still be
+        there (``hold.undrained`` counts down as they go)."""
+        until = time.monotonic() + max(hold.ttl, RETRY_MAX)
+        while hold.undrained > 0:
+            rid = _request_id()
+            try:
+                left = await _retrying(
+                    functools.partial(self.backend.release, self.namespace, hold.name,
+                                      hold.owner, hold.token, rid),
+                    until, f"releasing {hold.name!r}, given up, on {self.label}",
+                )  # fmt: skip
+            except NotHeld:
+                left = 0
+            hold.undrained = 0 if left == 0 else hold.undrained - 1
 
     def _undo_soon(self, key: tuple[str, str], undo: Coroutine[Any, Any, None]) -> None:
         """Run ``undo`` in the background (on the loop); an acquire of ``key`` waits for it."""
@@ -448,7 +462,7 @@ class Session:
         with self._guard:
             known = self._holds.get(key)
             if known is not None and known.token == grant.token and not known.ended:
-                known.count = grant.count
+                known.count += 1
                 known.ttl = max(known.ttl, want.ttl)  # renewal keeps the longest nested ttl
                 known.lease(anchor, grant.ttl)
                 hold = known
@@ -546,9 +560,9 @@ class Session:
             hold.count = max(0, hold.count - 1)
             hold.reported = True
             return
-        hold.count = outcome
+        hold.count = max(0, min(hold.count - 1, outcome))  # the store's count may hold others'
         hold.releasing = False
-        if outcome == 0:
+        if hold.count == 0:
             hold.state = LockState.RELEASED
             self._forget(hold)
             if hold.timer is not None:
@@ -762,6 +776,7 @@ class Session:
         log.warning("lock %r on %s (owner %s, token %d) %s: %s",
                     hold.name, self.label, hold.owner, hold.token, state.value, reason)  # fmt: skip
         if drain:
+            hold.undrained = hold.count
             self._on_loop(self._undo_soon, (hold.name, hold.owner), self._drain(hold))
         for listener in hold.listeners:
             try:

@@ -166,7 +166,8 @@ class _LockBase(Generic[T]):
 
     @property
     def count(self) -> int:
-        """The current owner's reentrant count (0 when not held)."""
+        """The current owner's reentrant count in this client (0 when not held); another
+        client sharing the owner keeps its own."""
         hold = self._hold()
         return 0 if hold is None or hold.ended else hold.count
 

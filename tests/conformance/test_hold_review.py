@@ -247,3 +247,25 @@ async def test_reading_async_lost_does_not_pile_up_listeners(aclient: lockd.Asyn
     assert all(event.is_set() for event in events)
     with pytest.raises(lockd.Revoked):
         await lock.release()
+
+
+def test_a_client_gives_back_only_the_counts_it_took_of_a_shared_owner(
+    client: lockd.Client, other_client: lockd.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other client holds first, this one re-enters as the same owner (count 2 at
+    the store), then gives its hold up: one count goes, the other client keeps its own."""
+    theirs = other_client.lock("shared-first", ttl=3, owner="job")
+    mine = client.lock("shared-first", ttl=0.6, owner="job")
+    theirs.acquire()
+    mine.acquire()
+    assert [h.count for h in other_client.inspect("shared-first").holders] == [2]
+
+    async def cut(*args: Any, **kwargs: Any) -> lockd.Grant:
+        raise BackendUnavailable("injected: the store cannot be reached")
+
+    inject(monkeypatch, client, extend=cut)
+    assert mine.lost.wait(3)
+    wait_until(lambda: not client._session._cleanups, 3, "the drain ended")
+    holders = other_client.inspect("shared-first").holders
+    assert [(h.owner, h.count) for h in holders] == [("job", 1)]
+    theirs.release()
