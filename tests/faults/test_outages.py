@@ -15,7 +15,6 @@ import pytest
 import lockd
 from lockd import LockState
 from tests.faults import (
-    KINDS,
     OUTAGE,
     SLACK,
     TTL,
@@ -75,7 +74,6 @@ def check_at_risk_at_the_first_failed_renewal(
     lock.release()
 
 
-@pytest.mark.parametrize("outage", [k for k in KINDS if k != "http"], indirect=True)
 def test_at_risk_comes_at_the_first_failed_renewal(
     outage: Outage, client: lockd.Client, name: str
 ) -> None:

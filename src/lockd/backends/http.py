@@ -4,7 +4,8 @@ Every call is one HTTP/JSON request with keep-alive (httpx). Errors come back ty
 through ``lockd.errors.ERROR_CODES``. Waits longer than the server's long-poll cap are
 split into several polls with the same request id. A request that fails in transport or
 gets 503 is retried with the same request id until its deadline, which the server's
-request-id memory makes safe: a retried acquire or release applies once.
+request-id memory makes safe: a retried acquire or release applies once. An extend is
+sent once: the SDK retries it, and a renewal must fail at once so the hold turns at_risk.
 
 Each poll tells the server the whole wait left (``wait_total``), so the server keeps the
 waiter's FIFO place between polls for its waiter lease (a few seconds), and a grant made
@@ -144,8 +145,11 @@ class HttpBackend(Backend):
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
         body = {"owner": owner, "token": token, "ttl": ttl}
+        # One attempt: the SDK retries extends itself, and a renewal that fails must say so
+        # at once (the hold turns at_risk), not after seconds of retrying in here.
         data = await self._call("POST", f"/v1/locks/{_path(name)}/extend", namespace, json=body,
-                                name=name, owner=owner, token=token)  # fmt: skip
+                                deadline=time.monotonic(), name=name, owner=owner,
+                                token=token)  # fmt: skip
         return _grant(data)
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
