@@ -269,3 +269,40 @@ def test_a_client_gives_back_only_the_counts_it_took_of_a_shared_owner(
     holders = other_client.inspect("shared-first").holders
     assert [(h.owner, h.count) for h in holders] == [("job", 1)]
     theirs.release()
+
+
+def test_every_call_after_close_raises_client_closed(store_url: str) -> None:
+    client = lockd.Client(store_url)
+    lock, semaphore = client.lock("shut", ttl=1), client.semaphore("shut-n", 2, ttl=1)
+    held = client.lock("held-at-close", ttl=1)
+    held.acquire()
+    client.close()
+    started = time.monotonic()
+    for target in (lock, semaphore, held):
+        for call in (target.acquire, target.try_acquire, target.release, target.extend,
+                     target.owned, target.locked, target.__enter__):  # fmt: skip
+            with pytest.raises(ClientClosed):
+                call()
+    for other in (client.list_locks, lambda: client.inspect("shut"),
+                  lambda: client.force_release("shut")):  # fmt: skip
+        with pytest.raises(ClientClosed):
+            other()
+    assert time.monotonic() - started < 1
+    assert held.state is LockState.RELEASED
+
+
+async def test_every_async_call_after_close_raises_client_closed(store_url: str) -> None:
+    client = lockd.AsyncClient(store_url)
+    lock, semaphore = client.lock("shut", ttl=1), client.semaphore("shut-n", 2, ttl=1)
+    await client.aclose()
+    started = time.monotonic()
+    for target in (lock, semaphore):
+        for call in (target.acquire, target.try_acquire, target.release, target.extend,
+                     target.owned, target.locked, target.__aenter__):  # fmt: skip
+            with pytest.raises(ClientClosed):
+                await call()
+    for other in (client.list_locks, lambda: client.inspect("shut"),
+                  lambda: client.force_release("shut")):  # fmt: skip
+        with pytest.raises(ClientClosed):
+            await other()
+    assert time.monotonic() - started < 1
