@@ -137,16 +137,26 @@ class HoldState:
         """The end of this hold was raised to the caller once (the next acquire starts afresh)."""
         self.deadline = 0.0
         self.renew_at = 0.0
+        self.anchor = -math.inf
+        """When the request whose answer set the lease was sent (at the earliest)."""
         self.lease(anchor, grant.ttl)
 
     def lease(self, anchor: float, ttl_left: float) -> None:
         """Record that the store's lease runs ``ttl_left`` seconds from ``anchor`` (a moment
-        before the request that got this answer was sent): the deadline follows the store's
-        latest word, longer or shorter."""
-        self.deadline = anchor + ttl_left * (1 - DRIFT)
+        before the request that got this answer was sent): the deadline follows the answer
+        to the latest request sent, longer or shorter."""
+        deadline = anchor + ttl_left * (1 - DRIFT)
         # A lease shorter than the ttl (a renewal sent before a longer re-entry, applied
         # after it) is renewed in time for its own end.
-        self.renew_at = anchor + min(self.ttl, ttl_left) * RENEW_FRACTION
+        renew_at = anchor + min(self.ttl, ttl_left) * RENEW_FRACTION
+        if anchor < self.anchor:
+            # The answer to a request sent before the one the lease came from: the store
+            # may have applied that later request after this one (a renewal with a shorter
+            # ttl after a re-entry), so this answer may only shorten the lease.
+            self.deadline = min(self.deadline, deadline)
+            self.renew_at = min(self.renew_at, renew_at)
+            return
+        self.anchor, self.deadline, self.renew_at = anchor, deadline, renew_at
 
     def unheard(self, sent: float, ttl: float) -> None:
         """An extend to ``ttl`` sent at ``sent`` went unanswered: the store may have

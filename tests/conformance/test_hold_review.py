@@ -306,3 +306,36 @@ async def test_every_async_call_after_close_raises_client_closed(store_url: str)
         with pytest.raises(ClientClosed):
             await other()
     assert time.monotonic() - started < 1
+
+
+def test_a_reentry_answered_after_a_shorter_renewal_was_applied(
+    client: lockd.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-entry with a longer ttl is applied, its answer held back; a renewal with the
+    outer ttl is applied after it (the store's lease shrinks to that ttl) and answered
+    first: the re-entry's late answer must not lengthen the local deadline again."""
+    loop = client._rt.loop
+    applied, gate = asyncio.Event(), asyncio.Event()
+    real = client._session.backend
+    renewed: list[float] = []
+
+    async def reentry_answer_held_back(*args: Any, **kwargs: Any) -> lockd.Grant:
+        grant: lockd.Grant = await real.acquire(*args, **kwargs)
+        applied.set()
+        await gate.wait()
+        return grant
+
+    async def extend(*args: Any, **kwargs: Any) -> lockd.Grant:
+        grant: lockd.Grant = await real.extend(*args, **kwargs)
+        renewed.append(time.monotonic())
+        return grant
+
+    outer = client.lock("reordered", ttl=0.6, owner="one")
+    outer.acquire()
+    inject(monkeypatch, client, acquire=reentry_answer_held_back, extend=extend)
+    inner = start(lambda: client.lock("reordered", ttl=3, owner="one").acquire())
+    wait_until(applied.is_set, 2, "the re-entry was applied")
+    wait_until(lambda: bool(renewed), 2, "a renewal (ttl 0.6) was applied after it")
+    loop.call_soon_threadsafe(gate.set)
+    inner.outcome()
+    lease_is_truthful(client, outer)
