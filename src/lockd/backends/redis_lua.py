@@ -546,12 +546,10 @@ local function own_waiter(id)
   return w
 end
 
--- A retry of a queued request takes over its place; its queue time counts from now, as
--- the lock table's does, so a grant's waited never reaches back before this request.
+-- A retry of a queued request takes over its place.
 local function take_over(w)
   table.insert(woken, w.attempt)
   w.attempt = attempt
-  w.enqueued = now_us
   w.deadline = now + lease
   put_waiter(w)
   return queued()
