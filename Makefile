@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint typecheck unit serve bench safety clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[server,redis]" pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[server,redis]" pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
 	touch $(STAMP)
 
 test: $(STAMP) lint typecheck unit
@@ -34,7 +34,7 @@ safety: $(STAMP)
 	LOCKD_GROWTH_NAMES=100000 $(VENV)/bin/pytest --timeout 1800 tests/test_growth.py tests/redis/test_growth.py
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[server,redis,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[server,redis,bench]"
 	$(PY) bench/http_bench.py
 	$(PY) bench/redis_bench.py
 

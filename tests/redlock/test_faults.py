@@ -70,12 +70,17 @@ class Traffic:
 def test_a_minority_down_keeps_one_holder_at_a_time(
     redlock_nodes: list[RedisProcess], fault: str
 ) -> None:
-    with lockd.Client(redlock_url(redlock_nodes)) as client, Traffic(client) as traffic:
+    with (
+        lockd.Client(redlock_url(redlock_nodes)) as client,
+        Traffic(client, ttl=1.0) as traffic,
+    ):
         assert traffic.grants_during(0.5) > 0
         victim = redlock_nodes[0]
         victim.kill() if fault == "kill" else victim.pause()
-        # Grants go on: a paused node costs each request its timeout, a dead one nothing.
-        assert traffic.grants_during(2.0) >= 3
+        # Grants go on: a paused node costs each acquire and each release at most its
+        # node timeout (0.2 s here), a dead one nothing. Ten or so fit in the window;
+        # a loaded machine sees fewer, a stalled service at most the one in flight.
+        assert traffic.grants_during(3.0) >= 2
         if fault == "pause":
             victim.resume()
         else:

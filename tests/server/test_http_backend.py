@@ -3,7 +3,13 @@ apply once, and a backend used after it was closed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +17,7 @@ import httpx
 import pytest
 
 import lockd
+from lockd._runtime import _new_loop
 from lockd.backends.http import HttpBackend
 from tests.redis.test_security import CLIENT_COMMANDS, SCRIPT_COMMANDS, acl_user
 from tests.redisproc import running_redis
@@ -91,3 +98,52 @@ async def test_backend_used_after_close_raises_client_closed(server: ServerProce
         with pytest.raises(lockd.ClientClosed, match="closed"):
             await call
         assert time.monotonic() - started < 0.5  # refused, not retried
+
+
+@contextlib.contextmanager
+def resetting_listener() -> Iterator[int]:
+    """A loopback port that accepts every connection and resets it at once."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        with socket.create_connection(listener.getsockname(), timeout=1):
+            pass  # wakes the accept so the thread sees stop
+        thread.join(5)
+        listener.close()
+
+
+def test_a_connection_reset_on_arrival_reads_unreachable() -> None:
+    """A reset that lands before the HTTP client reads its new connection's details leaves
+    that connection without a socket, and the client library raises AttributeError on the
+    SDK's own loop (uvloop); the backend must say BackendUnavailable, as for any reset."""
+    seen: Counter[str] = Counter()
+
+    async def calls(port: int) -> None:
+        backend = HttpBackend(f"http://127.0.0.1:{port}", retry_for=0.0)
+        try:
+            for _ in range(300):
+                try:
+                    await backend.ping()
+                except lockd.BackendUnavailable:
+                    seen["unavailable"] += 1
+                except Exception as exc:  # the test counts what leaks out
+                    seen[type(exc).__name__] += 1
+        finally:
+            await backend.aclose()
+
+    with resetting_listener() as port, asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(calls(port))
+    assert seen == Counter(unavailable=300), seen

@@ -49,6 +49,11 @@ RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
 TRANSIENT_STATUS = {502, 503, 504}
 
+# A connection reset before the HTTP client reads its details (TLS or not) leaves the
+# stream without a socket, and the client library raises AttributeError instead of a
+# transport error (seen on uvloop). It is a failed connection like any other.
+_ResetOnArrival = AttributeError
+
 
 class HttpBackend(Backend):
     """Talks to ``lockd serve`` at ``url`` (``http://host:port`` or ``https://...``)."""
@@ -199,6 +204,7 @@ class HttpBackend(Backend):
         deadline = time.monotonic() + self._retry_for if deadline is None else deadline
         timeout = httpx.Timeout(self._timeout, read=self._timeout + read_timeout)
         backoff = RETRY_FIRST
+        error: LockError
         while True:
             if self._closed:
                 raise ClientClosed(f"http backend for {self.url} is closed", name=name,
@@ -207,16 +213,17 @@ class HttpBackend(Backend):
                 response = await self._http.request(
                     method, path, json=json, params=query, timeout=timeout
                 )
+            except (httpx.TransportError, _ResetOnArrival) as exc:
+                error = BackendUnavailable(
+                    f"lockd server {self.url} unreachable: {exc!r}", name=name, owner=owner
+                )
+            else:
                 if response.is_success:
                     data: dict[str, Any] = response.json()
                     return data
                 error = _error(response, name, owner, token)
                 if not isinstance(error, BackendUnavailable) or isinstance(error, StoreRefused):
                     raise error
-            except httpx.TransportError as exc:
-                error = BackendUnavailable(
-                    f"lockd server {self.url} unreachable: {exc!r}", name=name, owner=owner
-                )
             if time.monotonic() + backoff > deadline:
                 raise error
             await asyncio.sleep(backoff)

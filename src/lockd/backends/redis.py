@@ -166,17 +166,20 @@ class RedisBackend(Backend):
     async def open(self) -> None:
         """Connect, load the scripts and check that Redis answers."""
         import redis.asyncio
+        import redis.asyncio.retry
+        import redis.retry
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         # No driver retries: a resent script could apply twice. The SDK retries with
-        # the same request id instead, which the scripts answer once.
+        # the same request id instead, which the scripts answer once. The driver's
+        # asyncio and blocking connections each take their own kind of Retry.
         options: dict[str, Any] = {
             "decode_responses": True,
-            "retry": Retry(NoBackoff(), 0),
+            "retry": redis.asyncio.retry.Retry(NoBackoff(), 0),
             "socket_connect_timeout": 5.0,
             "socket_timeout": CALL_TIMEOUT,
         }
+        blocking_options = {**options, "retry": redis.retry.Retry(NoBackoff(), 0)}
         url, cluster = self._target
         client: Redis | RedisCluster
         if cluster:  # keys of one name share a hash tag, so each script runs on one node
@@ -190,7 +193,7 @@ class RedisBackend(Backend):
             self._scripts[name] = client.register_script(getattr(redis_lua, name))
         if not cluster:  # a cluster routes by key slot, which its client does for us
             self._connections = _Connections(url, options)
-            self.direct = _RedisDirect(self, url, options)
+            self.direct = _RedisDirect(self, url, blocking_options)
         await self.ping()
         with contextlib.suppress(Exception):  # CONFIG may be refused by an ACL
             policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
@@ -214,7 +217,7 @@ class RedisBackend(Backend):
                 await task
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
         if isinstance(self.direct, _RedisDirect):
             self.direct.close()
         if self._connections is not None:
@@ -451,7 +454,7 @@ class RedisBackend(Backend):
     def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            task = asyncio.ensure_future(pubsub.aclose())  # type: ignore[no-untyped-call]
+            task = asyncio.ensure_future(pubsub.aclose())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
