@@ -72,6 +72,11 @@ def _redis_cluster(tmp: Path) -> Iterator[str]:
     yield f"redis://127.0.0.1:{_cluster_nodes[0].port}/0?cluster=true"
 
 
+def cluster_nodes() -> list[RedisProcess]:
+    """The shared Redis Cluster's nodes (started by the first use of its store)."""
+    return list(_cluster_nodes)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop the shared Redis Cluster, if a test started it."""
     del session
