@@ -187,6 +187,9 @@ class Proxy:
                 asyncio.create_task(self._pump(link, up_reader, writer)),
             ]
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
+            # A close passes like a byte: held while paused, never while blackholed
+            # (a server closing an idle connection must not end a hang early).
+            await self._flowing.wait()
         finally:
             self._links.discard(link)
             link.drop()

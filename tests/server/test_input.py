@@ -20,6 +20,24 @@ JSON = {"content-type": "application/json"}
 
 NEWER_UNICODE = "\U0001f6dc"
 """WIRELESS, assigned in Unicode 15.0: unassigned in the tables of Python 3.11."""
+newer_unicode = pytest.mark.skipif(
+    unicodedata.category(NEWER_UNICODE) != "Cn",
+    reason=f"this Python's Unicode {unicodedata.unidata_version} has U+1F6DC: "
+    "no newer character to try (the server runs on the same Python)",
+)
+"""Only this case depends on the Unicode version of the running Python."""
+NONCHARACTER = "\ufdd0"
+"""Unassigned in every Unicode version (a noncharacter), as a newer character is to an
+older server."""
+UNPRINTABLE_NAMES = [
+    "\u00a0nbsp",  # NO-BREAK SPACE
+    "zero\u200bwidth",  # ZERO WIDTH SPACE
+    "a\u2028b",  # LINE SEPARATOR
+    "\ue000",  # private use
+    "\U0010fffd",  # private use, plane 16
+    f"sale-{NONCHARACTER}",
+]
+"""Names ``str.isprintable()`` calls unprintable in every Python, and lockd accepts."""
 
 
 @pytest.fixture(scope="module")
@@ -70,32 +88,42 @@ def test_control_characters_in_a_name_are_400(http: httpx.Client, char: str) -> 
     assert nothing_held(http)
 
 
-def test_a_character_newer_than_the_servers_unicode_is_a_name(http: httpx.Client) -> None:
+@pytest.mark.parametrize("char", [NONCHARACTER, pytest.param(NEWER_UNICODE, marks=newer_unicode)])
+def test_a_character_newer_than_the_servers_unicode_is_a_name(
+    http: httpx.Client, char: str
+) -> None:
     from urllib.parse import quote
 
-    name = f"sale-{NEWER_UNICODE}"
+    name = f"sale-{char}"
     r = http.post(f"/v1/locks/{quote(name)}/acquire", json={"ttl": 5, "owner": "o"})
     assert r.status_code == 200, r.text
     assert r.json()["name"] == name
 
 
-def test_name_rule_refuses_only_control_characters() -> None:
-    if unicodedata.unidata_version >= "15.0.0":
-        pytest.skip("this Python knows the character")
-    for name in (
-        NEWER_UNICODE,
-        "\u00a0nbsp",
-        "zero\u200bwidth",
-        "a\u2028b",
-        "\ue000",
-        "\U0010fffd",
-    ):
-        assert check_name(name) == name
-    for name in ("a\nb", "\x00", "\x1f", "\x7f", "\x85", "\x9f"):
-        with pytest.raises(InvalidRequest, match="control characters"):
-            check_name(name)
+@pytest.mark.parametrize("name", UNPRINTABLE_NAMES)
+def test_name_rule_accepts_what_isprintable_refuses(name: str) -> None:
+    """Only control characters are refused, whatever Python's Unicode tables say."""
+    assert not name.isprintable()
+    assert check_name(name) == name
+
+
+@newer_unicode
+def test_name_rule_accepts_a_character_newer_than_pythons_unicode() -> None:
+    assert not NEWER_UNICODE.isprintable()
+    assert check_name(NEWER_UNICODE) == NEWER_UNICODE
+
+
+@pytest.mark.parametrize("name", ["a\nb", "\x00", "\x1f", "\x7f", "\x85", "\x9f"])
+def test_name_rule_refuses_control_characters(name: str) -> None:
+    """C0, DEL and C1."""
+    with pytest.raises(InvalidRequest, match="control characters"):
+        check_name(name)
+
+
+def test_name_rule_refuses_a_lone_surrogate() -> None:
+    """A lone surrogate is not text and has no UTF-8 form."""
     with pytest.raises(InvalidRequest, match="unicode"):
-        check_name("\ud800")  # a lone surrogate is not text and has no UTF-8 form
+        check_name("\ud800")
 
 
 @pytest.mark.parametrize(
