@@ -8,6 +8,7 @@ through its public API; ``observer`` looks at the store itself, never cut.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import pytest
@@ -213,3 +214,51 @@ def test_a_hold_given_up_during_an_outage_does_not_raise_on_every_later_block(
             raised += 1
     assert raised <= 1
     assert holder_of(observer, name) is None
+
+
+# Only redis keeps a waiter whose client is gone: a cut switch cancels the call in the
+# store, and a server ends a wait of one poll when its connection drops.
+@pytest.mark.parametrize("outage", ["redis", "redlock3"], indirect=True)
+def test_an_acquire_given_up_in_an_outage_leaves_the_queue(
+    outage: Outage, client: lockd.Client, observer: lockd.Client, name: str
+) -> None:
+    """Its retries end in BackendUnavailable: the SDK abandons it at the store, which would
+    otherwise keep it queued for its waiter lease (3 s), next in line for the name."""
+    # A RedLock waiter checks in at the holder's expiry: so it sees the cut within its
+    # wait, and ends in BackendUnavailable (not AcquireTimeout).
+    holder = observer.lock(name, ttl=0.5)
+    holder.acquire()
+    waiter = client.lock(name, ttl=TTL, owner="given-up", wait=1)
+    with background(waiter.acquire) as acquiring:
+        wait_until(lambda: [w.owner for w in observer.inspect(name).waiters] == ["given-up"], 5)
+        outage.cut()
+        with pytest.raises(lockd.BackendUnavailable):
+            acquiring.result(5)
+    outage.restore()
+    wait_until(lambda: not observer.inspect(name).waiters, 1.0)  # the abandon's retry lands
+    holder.release()
+    assert holder_of(observer, name) is None  # nothing granted to the given-up request
+    assert observer.lock(name, ttl=TTL).try_acquire()
+
+
+def test_log_lines_name_the_lock_and_the_store(
+    outage: Outage, client: lockd.Client, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry, at-risk and loss lines of an outage each name the lock and the store."""
+    caplog.set_level(logging.WARNING, logger="lockd")
+
+    def lines(marker: str) -> list[str]:
+        said = [record.getMessage() for record in caplog.records if record.name == "lockd"]
+        return [line for line in said if marker in line]
+
+    lock = client.lock(name, ttl=TTL)
+    lock.acquire()
+    outage.cut()
+    with pytest.raises(lockd.BackendUnavailable):  # retried for a second (a shorter wait)
+        client.lock(name, ttl=TTL, owner="late").acquire(wait=0.5)
+    wait_until(lambda: bool(lines(") lost: ")), TTL + SLACK)
+    outage.restore()
+    for marker in ("acquiring ", " is at risk", ") lost: "):  # retry, at risk, loss
+        assert lines(marker), marker
+        for line in lines(marker):  # the store also shows in the error text: look before it
+            assert f"{name!r} on {outage.url}" in line, line

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+import lockd
+from lockd import LockState
 from lockd.backends.http import HttpBackend
 from tests.serverproc import ServerProcess, running_server
 
@@ -127,3 +131,40 @@ async def test_a_waiter_that_cancels_between_polls_leaves_at_once(server: Server
         r = await http.post("/v1/locks/job/abandon", json={"owner": "w", "request_id": "r1"})
         assert r.status_code == 200
         assert await waiters(http, "job") == []
+
+
+def test_a_lock_granted_after_many_polls_holds_truthfully(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 s lock granted after about six polls: its grant's ``waited`` covers the whole
+    wait, so the SDK keeps that grant, its lease within the store's, and renews it."""
+    with lockd.Client(server.url) as client, lockd.Client(server.url) as other:
+        backend = client._session.backend
+        real_acquire = backend.acquire
+        grants: list[lockd.Grant] = []
+
+        async def recorded(*args: Any, **kwargs: Any) -> lockd.Grant:
+            grants.append(await real_acquire(*args, **kwargs))
+            return grants[-1]
+
+        monkeypatch.setattr(backend, "acquire", recorded)
+        holder = other.lock("job", ttl=30, owner="holder")
+        holder.acquire()
+        lock = client.lock("job", ttl=1, owner="w", wait=20)
+        release_later = threading.Timer(2.5, holder.release)
+        release_later.start()
+        sent = time.monotonic()
+        lock.acquire()
+        took = time.monotonic() - sent
+        release_later.join()
+        mine = [g for g in grants if g.owner == "w"]  # both clients share the backend
+        assert len(mine) == 1, mine  # kept, not given back as over on arrival
+        assert took - MAX_POLL < mine[0].waited <= took
+        assert lock.state is LockState.HELD
+        holders = other.inspect("job").holders
+        local = lock.lease_left
+        assert [(h.owner, h.token) for h in holders] == [("w", lock.token)]
+        assert 0 < local <= holders[0].ttl_left + 0.02
+        time.sleep(1.3)  # renewed, not left to expire
+        assert lock.state is LockState.HELD
+        assert [h.owner for h in other.inspect("job").holders] == ["w"]
