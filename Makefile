@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[server,redis]" pytest pytest-asyncio pytest-timeout hypothesis ruff mypy
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[server,redis]" pytest pytest-asyncio pytest-timeout pytest-xdist hypothesis ruff mypy
 	touch $(STAMP)
 
 test: $(STAMP) lint typecheck unit
@@ -23,8 +23,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Two workers, a test file each at a time: most of the suite waits on leases and timeouts,
+# so two files run side by side in about half the time on two cores.
 unit: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 serve: $(STAMP)
 	$(VENV)/bin/lockd serve $(SERVE_ARGS)

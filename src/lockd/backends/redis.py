@@ -241,7 +241,10 @@ class RedisBackend(Backend):
                 raise
             raise error from exc
 
-    async def _run(self, script: str, namespace: str, name: str, *args: str | int) -> list[Any]:
+    async def run_script(
+        self, script: str, namespace: str, name: str, *args: str | int
+    ) -> list[Any]:
+        """Run one of the scripts (``redis_lua.SCRIPTS``) on ``name``'s keys; its reply."""
         connections = self._connections
         if connections is None:  # Redis Cluster: its client routes by the keys' slot
             keys = _keys(namespace, name)
@@ -276,7 +279,7 @@ class RedisBackend(Backend):
         end = None if req.wait is None else time.monotonic() + req.wait
         self.watch(attempt, asyncio.Event())
         try:
-            await self._listen()  # subscribe first, then try: no wake-up is missed
+            await self.listen()  # subscribe first, then try: no wake-up is missed
             reply = await self._step(req, rid, attempt, "new")
         except BaseException:
             self.forget_attempt(attempt)
@@ -284,7 +287,7 @@ class RedisBackend(Backend):
         return await self._wait_queued(req, rid, attempt, reply, end)
 
     async def _step(self, req: AcquireRequest, rid: str, attempt: str, mode: str) -> list[Any]:
-        return await self._run("ACQUIRE", req.namespace, req.name,
+        return await self.run_script("ACQUIRE", req.namespace, req.name,
                                *_acquire_args(req, rid, attempt, mode))  # fmt: skip
 
     async def _wait_queued(
@@ -360,26 +363,28 @@ class RedisBackend(Backend):
     async def _release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
     ) -> int:
-        reply = await self._run("RELEASE", namespace, name, owner, token or 0, request_id or "")
+        reply = await self.run_script(
+            "RELEASE", namespace, name, owner, token or 0, request_id or ""
+        )
         if reply[0] != "ok":
             raise _not_held(reply[0], name, owner, token)
         return int(reply[1])
 
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
-        await self._run("ABANDON", namespace, name, owner, request_id)
+        await self.run_script("ABANDON", namespace, name, owner, request_id)
 
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
         ttl_ms = max(1, round(ttl * 1000))
-        reply = await self._run("EXTEND", namespace, name, owner, token or 0, ttl_ms)
+        reply = await self.run_script("EXTEND", namespace, name, owner, token or 0, ttl_ms)
         if reply[0] != "granted":
             raise _not_held(reply[0], name, owner, token)
         return Grant(name=name, owner=owner, token=int(reply[1]), count=int(reply[2]),
                      ttl=max(0.0, int(reply[3]) / 1000))  # fmt: skip
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
-        reply = await self._run("INSPECT", namespace, name)
+        reply = await self.run_script("INSPECT", namespace, name)
         _, limit, last, holders, waiters = reply
         return ResourceInfo(
             name=name,
@@ -391,11 +396,11 @@ class RedisBackend(Backend):
         )
 
     async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
-        names = await self._names(namespace, prefix)
+        names = await self.names(namespace, prefix)
         found = [await self._inspect(namespace, name) for name in sorted(names)]
         return [info for info in found if info.holders or info.waiters]
 
-    async def _names(self, namespace: str, prefix: str) -> set[str]:
+    async def names(self, namespace: str, prefix: str) -> set[str]:
         """Names under ``prefix`` that have a resource record (held or waited for)."""
         head = f"lockd:{{{namespace}:"
         tails = ("}:holds", "}:queue")  # exist while a name is held or waited for
@@ -413,7 +418,7 @@ class RedisBackend(Backend):
     async def _force_release(
         self, namespace: str, name: str, owner: str | None
     ) -> list[HolderInfo]:
-        reply = await self._run("FORCE_RELEASE", namespace, name, owner or "")
+        reply = await self.run_script("FORCE_RELEASE", namespace, name, owner or "")
         return sorted((_holder(h) for h in reply[1]), key=lambda h: h.token)
 
     # --- notifications ----------------------------------------------------------------
@@ -422,7 +427,7 @@ class RedisBackend(Backend):
         """A fresh attempt id whose wake-ups come to this backend's inbox."""
         return f"{self.inbox}.{next(self._attempts)}"
 
-    async def _listen(self, confirm_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
+    async def listen(self, confirm_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
         """Subscribe to our inbox (once) and wait up to ``confirm_timeout`` for Redis's OK."""
         listening = self._listening
         if listening is None:

@@ -248,7 +248,7 @@ class RedlockBackend(Backend):
         self, script: str, namespace: str, name: str, *args: str | int, within: float = 1.0
     ) -> dict[int, list[Any] | _Down]:
         return await self._fan(
-            lambda i: self._nodes[i]._run(script, namespace, name, *args), within
+            lambda i: self._nodes[i].run_script(script, namespace, name, *args), within
         )
 
     def _later(self, work: Awaitable[Any]) -> None:
@@ -284,7 +284,7 @@ class RedlockBackend(Backend):
         woken = asyncio.Event() if begun is None else begun.woken
         timeout = node_timeout(ttl)
         if wait != 0 and begun is None:  # subscribe first, then ask: no wake-up is missed
-            await self._fan(lambda i: self._nodes[i]._listen(timeout), timeout)
+            await self._fan(lambda i: self._nodes[i].listen(timeout), timeout)
         while True:
             rnd = self._next_round(base) if begun is None else begun.round
             current.append(rnd)
@@ -327,7 +327,7 @@ class RedlockBackend(Backend):
             sent = time.monotonic()
             args = _acquire_args(req, rnd, mode)
             replies = await self._fan(
-                lambda i: self._nodes[i]._run("ACQUIRE", namespace, name, *args),
+                lambda i: self._nodes[i].run_script("ACQUIRE", namespace, name, *args),
                 node_timeout(ttl),
                 nodes,
             )
@@ -498,7 +498,7 @@ class RedlockBackend(Backend):
         ttl_ms = max(1, round(ttl * 1000))
         sent = time.monotonic()
         replies = await self._fan(
-            lambda i: self._nodes[i]._run(
+            lambda i: self._nodes[i].run_script(
                 "EXTEND", namespace, name, owner, rnd.grants[i].token, ttl_ms
             ),
             node_timeout(ttl),
@@ -520,7 +520,7 @@ class RedlockBackend(Backend):
             lower = [i for i, g in rnd.grants.items() if g.count == 1 and g.token < token]
             if lower:
                 replies = await self._fan(
-                    lambda i: self._nodes[i]._run(
+                    lambda i: self._nodes[i].run_script(
                         "RAISE", namespace, name, owner, rnd.grants[i].token, token, rnd.rid
                     ),
                     node_timeout(ttl),
@@ -570,7 +570,7 @@ class RedlockBackend(Backend):
     ) -> None:
         """Undo request ``rid`` on the nodes: leave the queue, give back a grant."""
         await self._fan(
-            lambda i: self._nodes[i]._run("ABANDON", namespace, name, owner, rid),
+            lambda i: self._nodes[i].run_script("ABANDON", namespace, name, owner, rid),
             node_timeout(ttl),
             nodes,
         )
@@ -598,7 +598,7 @@ class RedlockBackend(Backend):
 
         async def undo_all(i: int) -> None:
             for rid in rids:
-                await self._nodes[i]._run("ABANDON", namespace, name, owner, rid)
+                await self._nodes[i].run_script("ABANDON", namespace, name, owner, rid)
 
         replies = await self._fan(undo_all, 1.0)
         self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "abandon")
@@ -719,7 +719,7 @@ class RedlockBackend(Backend):
         )
 
     async def _list_locks(self, namespace: str, prefix: str) -> list[ResourceInfo]:
-        replies = await self._fan(lambda i: self._nodes[i]._names(namespace, prefix), 5.0)
+        replies = await self._fan(lambda i: self._nodes[i].names(namespace, prefix), 5.0)
         found = [r for r in replies.values() if isinstance(r, set)]
         self._check_reached(len(found), "list")
         names = sorted(set().union(*found))
@@ -794,8 +794,11 @@ class _RedlockDirect(DirectPath):
     """
 
     def __init__(self, backend: RedlockBackend, nodes: list[_RedisDirect]) -> None:
+        from redis.exceptions import NoScriptError
+
         self._backend = backend
         self._nodes = nodes
+        self._no_script = NoScriptError
 
     def acquire(self, req: AcquireRequest) -> Grant:
         backend = self._backend
@@ -876,7 +879,7 @@ class _RedlockDirect(DirectPath):
         try:
             try:
                 return list(node.receive(conn, _left(deadline)))
-            except node._no_script:  # the node restarted or flushed its scripts
+            except self._no_script:  # the node restarted or flushed its scripts
                 node.load(script)
                 return list(node.receive(node.send(command, _left(deadline)), _left(deadline)))
         except BackendUnavailable as exc:
