@@ -165,6 +165,10 @@ class Proxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # An aborted transport closes its socket in a callback of the next loop turns:
+        # run them before the loop stops, or the sockets are left to the GC.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _no_linger(writer)
