@@ -272,7 +272,7 @@ async def run_waiters(url: str, server_pid: int, args: argparse.Namespace) -> Js
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = f"/v1/locks/queue-{uuid.uuid4().hex[:6]}"
     deadline = time.monotonic() + args.cap
-    http = httpx.AsyncClient(base_url=url)
+    http = httpx.AsyncClient(base_url=url, timeout=args.cap)  # an inspect lists every waiter
     max_poll = float((await http.get("/v1/info")).json()["max_poll"])
     grant = (await http.post(f"{path}/acquire", json={"owner": "holder", "ttl": args.cap})).json()
     rss_before = rss_kib(server_pid)
@@ -350,7 +350,7 @@ def markdown_report(report: Json) -> str:
     m, cfg = report["machine"], report["config"]
     dirty = " (+ uncommitted src/ changes)" if m["src_uncommitted_changes"] else ""
     lines = [
-        "# lockd holds and waiters (issue 13 baseline)",
+        "# lockd holds and waiters (the session design's baseline)",
         "",
         f"{report['date']} · {m['nproc']} cores ({m['cpu_model']}) · Python {m['python']} · "
         f"commit {m['git_commit_full'][:12]}{dirty} · ttl {cfg['ttl']} s, "
