@@ -64,9 +64,11 @@ import uvloop
 from common import Json, Sample, fmt, git, latency_summary, wait_for_quiet, write_reports
 from http_bench import RawConnection, fs_type, machine_info, running_server
 
+from lockd._session import RENEW_FRACTION
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-RENEWALS_PER_TTL = 3  # the SDK renews at ttl/3 (lockd._session.RENEW_FRACTION)
+RENEWALS_PER_TTL = round(1 / RENEW_FRACTION)  # the SDK renews at ttl/3
 HOLDS_SHOWN = ("status", "acquired", "acquire_s", "renewals_per_s", "expected_renewals_per_s",
                "unanswered_renewals_per_s", "states_after_window", "error")  # fmt: skip
 WAITERS_SHOWN = ("granted", "inversions_vs_queue", "inversions_vs_send", "handoff", "total_s",

@@ -14,6 +14,7 @@ import httpx
 
 import lockd
 from lockd import LockState
+from lockd._session import RENEW_FRACTION, SLOW_FRACTION, SLOW_MAX
 from tests.faults.proxy import Proxy, Switch
 from tests.serverproc import ServerProcess
 
@@ -32,6 +33,12 @@ def background(call: Callable[[], object]) -> Iterator[concurrent.futures.Future
     """Run ``call`` in a thread of its own for the block."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         yield pool.submit(call)
+
+
+def at_risk_bound(ttl: float, slack: float) -> float:
+    """Seconds from a grant by which a renewal left unanswered has turned the hold at_risk:
+    one renewal interval, then ``min(ttl * SLOW_FRACTION, SLOW_MAX)``."""
+    return ttl * RENEW_FRACTION + min(ttl * SLOW_FRACTION, SLOW_MAX) + slack
 
 
 def holder_of(observer: lockd.Client, name: str) -> tuple[str, int, int] | None:

@@ -19,9 +19,8 @@ import pytest
 
 import lockd
 from lockd import LockState
-from lockd._session import RENEW_FRACTION, SLOW_FRACTION, SLOW_MAX
 from tests.conftest import STORES, cluster_nodes
-from tests.faults import OUTAGE, TTL, assert_live, background, wait_until
+from tests.faults import OUTAGE, TTL, assert_live, at_risk_bound, background, wait_until
 
 
 @pytest.fixture
@@ -61,7 +60,7 @@ def test_a_hold_turns_at_risk_then_lost_in_time(url: str, paused: None) -> None:
         wait_until(lambda: lock.state is not LockState.HELD, TTL, step=0.005)
         assert lock.state is LockState.AT_RISK, lock.state
         at_risk = time.monotonic() - granted
-        assert at_risk <= TTL * RENEW_FRACTION + min(TTL * SLOW_FRACTION, SLOW_MAX) + 0.1
+        assert at_risk <= at_risk_bound(TTL, 0.1), at_risk
         wait_until(lambda: lock.state is LockState.LOST, TTL, step=0.005)
         assert time.monotonic() - granted < TTL  # before the store could let a rival in
         resume_cluster()

@@ -16,8 +16,8 @@ import pytest
 
 import lockd
 from lockd import LockState
-from lockd._session import RENEW_FRACTION, SLOW_FRACTION, SLOW_MAX
-from tests.faults import SLACK, Outage, holder_of, wait_until
+from lockd._session import RENEW_FRACTION, SLOW_FRACTION
+from tests.faults import SLACK, Outage, at_risk_bound, holder_of, wait_until
 
 pytestmark = pytest.mark.parametrize("outage", ["redis", "http", "redlock3"], indirect=True)
 
@@ -25,11 +25,6 @@ AT_RISK_SLACK = 0.1
 """What timer and polling latency may add to the moment a hold turns ``at_risk`` at
 ttl=2: less than the ttl/12 by which a renewal attempt's own timeout (ATTEMPT_FRACTION)
 comes later, so at_risk on that failure alone does not pass."""
-
-
-def at_risk_bound(ttl: float, slack: float) -> float:
-    """Seconds from a grant by which an unanswered renewal has turned the hold at_risk."""
-    return ttl * RENEW_FRACTION + min(ttl * SLOW_FRACTION, SLOW_MAX) + slack
 
 
 def blackhole_until_at_risk(outage: Outage, lock: lockd.Lock) -> float:

@@ -4,10 +4,6 @@ apply once, and a backend used after it was closed."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +15,7 @@ import pytest
 import lockd
 from lockd._runtime import _new_loop
 from lockd.backends.http import HttpBackend
+from tests.faults.proxy import Proxy
 from tests.redis.test_security import CLIENT_COMMANDS, SCRIPT_COMMANDS, acl_user
 from tests.redisproc import running_redis
 from tests.serverproc import ServerProcess, running_server
@@ -100,31 +97,6 @@ async def test_backend_used_after_close_raises_client_closed(server: ServerProce
         assert time.monotonic() - started < 0.5  # refused, not retried
 
 
-@contextlib.contextmanager
-def resetting_listener() -> Iterator[int]:
-    """A loopback port that accepts every connection and resets it at once."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                conn, _ = listener.accept()
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        with socket.create_connection(listener.getsockname(), timeout=1):
-            pass  # wakes the accept so the thread sees stop
-        thread.join(5)
-        listener.close()
-
-
 def test_a_connection_reset_on_arrival_reads_unreachable() -> None:
     """A reset that lands before the HTTP client reads its new connection's details leaves
     that connection without a socket, and the client library raises AttributeError on the
@@ -144,6 +116,7 @@ def test_a_connection_reset_on_arrival_reads_unreachable() -> None:
         finally:
             await backend.aclose()
 
-    with resetting_listener() as port, asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(calls(port))
+    with Proxy(target=1) as refusing, asyncio.Runner(loop_factory=_new_loop) as runner:
+        refusing.cut("refuse")  # every connection reset as soon as it arrives
+        runner.run(calls(refusing.port))
     assert seen == Counter(unavailable=300), seen

@@ -179,7 +179,6 @@ class RedisBackend(Backend):
             "socket_connect_timeout": 5.0,
             "socket_timeout": CALL_TIMEOUT,
         }
-        blocking_options = {**options, "retry": redis.retry.Retry(NoBackoff(), 0)}
         url, cluster = self._target
         client: Redis | RedisCluster
         if cluster:  # keys of one name share a hash tag, so each script runs on one node
@@ -193,7 +192,8 @@ class RedisBackend(Backend):
             self._scripts[name] = client.register_script(getattr(redis_lua, name))
         if not cluster:  # a cluster routes by key slot, which its client does for us
             self._connections = _Connections(url, options)
-            self.direct = _RedisDirect(self, url, blocking_options)
+            blocking = {**options, "retry": redis.retry.Retry(NoBackoff(), 0)}
+            self.direct = _RedisDirect(self, url, blocking)
         await self.ping()
         with contextlib.suppress(Exception):  # CONFIG may be refused by an ACL
             policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy")
