@@ -78,6 +78,10 @@ class Proxy:
         self.mode = Mode.FORWARD
         self._epoch = 0
         self._links: set[_Link] = set()
+        self._accepted: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._shutdowns: set[asyncio.Task[Any] | None] = set()
+        self._closing = False
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -136,7 +140,22 @@ class Proxy:
         self._loop.close()
 
     async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Recorded before its task runs: a task cancelled before its first step never
+        # reaches its ``finally``, and shutdown must still close the socket.
+        if self._closing:
+            writer.transport.abort()
+            return
+        self._accepted.add(writer)
+        self._start(self._serve(reader, writer))
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _count(self) -> int:
         return len(self._links)
@@ -154,17 +173,28 @@ class Proxy:
             self._flowing.clear()
 
     async def _shutdown(self) -> None:
-        self._server.close()
+        self._closing = True
+        self._shutdowns.add(asyncio.current_task())  # several may run: none waits on another
+        # Stop accepting, but close the server only after asyncio's tasks that wrap the
+        # sockets already accepted have run: one that runs after the close fails and
+        # leaves its socket open (CPython 3.11). Run, they reach _accept, which closes.
+        for sock in self._server.sockets:
+            self._loop.remove_reader(sock.fileno())
         for link in list(self._links):
             link.drop()
         self._links.clear()
+        while tasks := asyncio.all_tasks() - self._shutdowns:
+            for task in tasks:
+                if task in self._tasks:
+                    task.cancel()
+            await asyncio.wait(tasks)
+        self._server.close()
+        for writer in self._accepted:
+            writer.transport.abort()
+        self._accepted.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CONTROL_TIMEOUT / 2):
                 await self._server.wait_closed()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         # An aborted transport closes its socket in a callback of the next loop turns:
         # run them before the loop stops, or the sockets are left to the GC.
         for _ in range(3):
@@ -187,8 +217,8 @@ class Proxy:
                 return
             _no_linger(link.upstream)
             link.tasks = [
-                asyncio.create_task(self._pump(link, reader, link.upstream)),
-                asyncio.create_task(self._pump(link, up_reader, writer)),
+                self._start(self._pump(link, reader, link.upstream)),
+                self._start(self._pump(link, up_reader, writer)),
             ]
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
             # A close passes like a byte: held while paused, never while blackholed
@@ -196,6 +226,7 @@ class Proxy:
             await self._flowing.wait()
         finally:
             self._links.discard(link)
+            self._accepted.discard(writer)
             link.drop()
 
     async def _pump(
