@@ -484,11 +484,12 @@ def test_take_changes_reports_exactly_what_changed() -> None:
 
 
 def test_changes_is_falsy_only_when_empty() -> None:
-    assert not Changes({}, None, [], {})
-    assert Changes({}, 0, [], {})
-    assert Changes({}, None, [(("release", NS, "a", "o", "r"), 0)], {})
-    assert Changes({(NS, "a", "o"): None}, None, [], {})
-    assert Changes({}, None, [], {(NS, "a"): None})
+    assert not Changes({}, {}, None, [], {})
+    assert Changes({}, {}, 0, [], {})
+    assert Changes({}, {}, None, [(("release", NS, "a", "o", "r"), 0)], {})
+    assert Changes({(NS, "a", "o"): None}, {}, None, [], {})
+    assert Changes({}, {"s": None}, None, [], {})
+    assert Changes({}, {}, None, [], {(NS, "a"): None})
 
 
 # --- restore ----------------------------------------------------------------------------------
@@ -627,7 +628,7 @@ def test_idle_names_are_pruned_after_the_retention_and_tokens_go_on() -> None:
     with pytest.raises(LockLost):
         table.release(A, "alice", 1, 10.5)
     table.expire(11.0)
-    assert table.sizes() == {"resources": 1, "names": 1, "requests": 0}
+    assert table.sizes() == {"resources": 1, "names": 1, "requests": 0, "sessions": 0}
     assert table.take_changes().names == {A: None}
     with pytest.raises(NotHeld) as late:
         table.release(A, "alice", 1, 11.0)

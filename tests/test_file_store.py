@@ -331,3 +331,51 @@ async def test_a_store_of_the_layout_before_name_records_is_carried_over(tmp_pat
         assert (await store.acquire(NS, "d", "me", ttl=60, wait=0)).token == 9
     finally:
         await store.aclose()
+
+
+async def test_sessions_and_their_holds_survive_a_restart_with_their_full_ttl(
+    tmp_path: Path,
+) -> None:
+    store = await opened(tmp_path)
+    sid = await store.open_session(30)
+    ended = await store.open_session(30)
+    await store.revoke_session(ended)
+    grant = await store.acquire(NS, "a", "me", ttl=30, wait=0, session=sid)
+    await store.aclose()
+
+    store = await opened(tmp_path)
+    try:
+        assert await store.keepalive([sid, ended]) == [30, None]
+        holders = (await store.inspect(NS, "a")).holders
+        assert [(h.owner, h.token) for h in holders] == [("me", grant.token)]
+        await store.revoke_session(sid)  # the hold rejoined its session: it ends with it
+        assert (await store.inspect(NS, "a")).holders == ()
+    finally:
+        await store.aclose()
+
+    store = await opened(tmp_path)
+    try:  # the end was written too
+        assert (await store.inspect(NS, "a")).holders == ()
+        assert await store.keepalive([sid]) == [None]
+    finally:
+        await store.aclose()
+
+
+async def test_a_store_from_before_sessions_is_carried_over(tmp_path: Path) -> None:
+    store = await opened(tmp_path)
+    grant = await store.acquire(NS, "a", "me", ttl=60, wait=0)
+    await store.aclose()
+    db = sqlite3.connect(tmp_path / "lockd.db")
+    with db:  # the layout before sessions
+        db.execute("ALTER TABLE holds DROP COLUMN session")
+        db.execute("DROP TABLE sessions")
+    db.close()
+
+    store = await opened(tmp_path)
+    try:
+        holders = (await store.inspect(NS, "a")).holders
+        assert [(h.owner, h.token, h.ttl_left > 59) for h in holders] == [("me", grant.token, True)]
+        sid = await store.open_session(30)
+        await store.acquire(NS, "b", "me", ttl=30, wait=0, session=sid)
+    finally:
+        await store.aclose()

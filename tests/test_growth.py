@@ -72,7 +72,12 @@ async def test_memory_store_forgets_idle_names_and_old_request_ids() -> None:
     try:
         last = await one_off_names(store, NAMES)
         held = await store.acquire(NS, "kept", "keeper", ttl=RETENTION * 10, wait=0)
-        assert store._table.sizes() == {"resources": 1, "names": NAMES + 1, "requests": REQUESTS}
+        assert store._table.sizes() == {
+            "resources": 1,
+            "names": NAMES + 1,
+            "requests": REQUESTS,
+            "sessions": 0,
+        }
         # Within the retention a late release still hears that its hold ended.
         clock.now += RETENTION - 1
         await store.sweep()
@@ -80,7 +85,7 @@ async def test_memory_store_forgets_idle_names_and_old_request_ids() -> None:
             await store.release(NS, "order-0", "worker", 1)
         clock.now += 1
         await store.sweep()
-        assert store._table.sizes() == {"resources": 1, "names": 1, "requests": 0}
+        assert store._table.sizes() == {"resources": 1, "names": 1, "requests": 0, "sessions": 0}
         # After pruning it is simply not held: still refused, nothing changes.
         with pytest.raises(lockd.NotHeld) as late:
             await store.release(NS, "order-0", "worker", 1)
@@ -113,7 +118,7 @@ async def test_file_store_prunes_rows_and_tokens_rise_across_restart(tmp_path: P
             await store.extend(NS, "order-7", "worker", 8, 30)
         clock.now += RETENTION
         await store.sweep()
-        assert store._table.sizes() == {"resources": 0, "names": 0, "requests": 0}
+        assert store._table.sizes() == {"resources": 0, "names": 0, "requests": 0, "sessions": 0}
         after = rows(tmp_path)
         assert (after["holds"], after["names"], after["counter"]) == (0, 0, last)
         assert after["request_log"] <= 1  # its last row stays: rowids go on from it

@@ -30,6 +30,7 @@ from lockd.errors import (
     NotHeld,
     Revoked,
     SafetyUnavailable,
+    SessionLost,
     StoreBusy,
     StoreRefused,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "SafetyLevel",
     "SafetyUnavailable",
     "Semaphore",
+    "SessionLost",
     "StoreBusy",
     "StoreRefused",
     "WaiterInfo",

@@ -7,12 +7,22 @@ that reading; the memory and file backends wrap it with futures and persistence.
 
 Rules (each one is a contract item of docs/architecture.md):
 
-* A hold whose ``expires <= now`` is gone; every method first drops such holds of the
-  resource it touches (``_expire``), so expiry is decided by the store's clock only,
-  and grants the freed slots to the queue at once.
+* Every hold lives by a *lease*: its own (``ttl``, ``expires``), or a *session*'s, a
+  lease with an id that many holds and waiters share, made by ``open_session`` and
+  renewed for all of them at once by ``keepalive``. A hold whose lease has
+  ``expires <= now`` is gone; every method first drops such holds of the resource it
+  touches (``_expire``), so expiry is decided by the store's clock only, and grants the
+  freed slots to the queue at once.
+* A session that expires or is revoked ends everything it had in one step: its holds
+  are dropped and its waiters leave their queues (their wakes get ``SessionLost``), and
+  freed slots go to the next waiters. A call naming a session that has ended gets
+  ``SessionLost`` and changes nothing; a session is never renewed past its end. A call
+  naming a session gives the session's ttl as its own (a mismatch is refused).
 * Reentrancy: an owner that already holds gets the same token and ``count + 1`` at once,
-  even with waiters queued (queueing behind yourself would deadlock). Its expiry never
-  moves earlier, and neither does the ttl a restart would restore.
+  even with waiters queued (queueing behind yourself would deadlock). The hold moves to
+  the re-entry's lease when that lease lasts at least as long, so its expiry never moves
+  earlier, and neither does the ttl a restart would restore. ``extend`` moves the hold
+  to the lease it names (a session, or a lease of its own of ``ttl`` from now).
 * A new owner is granted only when a slot is free *and* nobody is queued: arrivals never
   barge past waiters (FIFO). Otherwise it is denied, and the caller may ``enqueue``.
 * Whenever a slot frees (release, expiry, force-release, a waiter leaving), queued
@@ -40,8 +50,9 @@ Rules (each one is a contract item of docs/architecture.md):
   the name has been idle for ``retention`` seconds (a late release or extend then gets
   ``NotHeld``).
 
-Every change to holds, the counter, name records and remembered requests is noted as
-dirty so the file backend can persist exactly that before it answers.
+Every change to holds, sessions, the counter, name records and remembered requests is
+noted as dirty so the file backend can persist exactly that before it answers (a
+keepalive changes nothing durable: a restart gives every lease its full ttl).
 """
 
 from __future__ import annotations
@@ -49,12 +60,29 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from lockd.errors import AcquireTimeout, InvalidRequest, LockLost, NotHeld, Revoked
+from lockd.errors import (
+    AcquireTimeout,
+    InvalidRequest,
+    LockError,
+    LockLost,
+    NotHeld,
+    Revoked,
+    SessionLost,
+)
 from lockd.model import Grant, HolderInfo, ResourceInfo, WaiterInfo
 
-__all__ = ["RETENTION", "Changes", "Hold", "LockTable", "NameRecord", "Waiter"]
+__all__ = [
+    "RETENTION",
+    "Changes",
+    "Hold",
+    "Lease",
+    "LockTable",
+    "NameRecord",
+    "Session",
+    "Waiter",
+]
 
 Key = tuple[str, str]
 """(namespace, name)"""
@@ -65,6 +93,8 @@ RequestKey = tuple[str, str, str, str, str]
 
 W = TypeVar("W")
 T = TypeVar("T")
+Outcome = Grant | LockError
+"""What a waiter is handed: its grant, or why it left the queue (``SessionLost``)."""
 
 MAX_REMEMBERED_REQUESTS = 100_000
 MAX_NAME_RECORDS = 32
@@ -73,20 +103,53 @@ RETENTION = 600.0
 """Seconds an idle name's record and a remembered request id are kept."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
+class Lease:
+    """How long a hold lasts: its own lease, or (as a :class:`Session`) one it shares."""
+
+    ttl: float
+    expires: float
+    id: str | None = None
+    """The session's id; None for a hold's own lease."""
+
+
+@dataclass(slots=True, eq=False)
+class Session(Lease):
+    """A lease many holds and waiters share, renewed for all of them by one keepalive."""
+
+    holds: set[Hold] = field(default_factory=set)
+    waiters: set[Waiter[Any]] = field(default_factory=set)
+
+
+@dataclass(slots=True, eq=False)
 class Hold:
     """One owner's hold on a resource."""
 
+    key: Key
     owner: str
     token: int
     count: int
-    ttl: float
+    lease: Lease
     limit: int
     granted: float
     """Store clock reading when the hold began (moved back by the time held on a restore)."""
-    expires: float
     acquired_at: float
     """Wall-clock time of the grant, for display only."""
+
+    @property
+    def ttl(self) -> float:
+        """The ttl of its lease (what a restart restores)."""
+        return self.lease.ttl
+
+    @property
+    def expires(self) -> float:
+        """When its lease ends, on the store's clock."""
+        return self.lease.expires
+
+    @property
+    def session(self) -> str | None:
+        """The id of the session it lives by, if any."""
+        return self.lease.id
 
 
 @dataclass(slots=True, eq=False)
@@ -103,6 +166,8 @@ class Waiter(Generic[W]):
     """Wall-clock time of the request, for display only."""
     grant: Grant | None = None
     """Set by the step that granted it (before the backend delivers the grant)."""
+    session: Session | None = None
+    """The session it waits in: the hold it gets lives by it, and it ends with it."""
 
 
 @dataclass(slots=True)
@@ -132,6 +197,8 @@ class Changes:
     """What changed since the last ``take_changes``: the file backend persists it."""
 
     holds: dict[HoldKey, Hold | None]
+    sessions: dict[str, float | None]
+    """Each opened session's ttl; None: it ended."""
     last_token: int | None
     """The store-wide counter, when it moved."""
     requests: list[tuple[RequestKey, int]]
@@ -139,7 +206,13 @@ class Changes:
     """Each changed name's record; None: pruned."""
 
     def __bool__(self) -> bool:
-        return bool(self.holds or self.last_token is not None or self.requests or self.names)
+        return bool(
+            self.holds
+            or self.sessions
+            or self.last_token is not None
+            or self.requests
+            or self.names
+        )
 
 
 class LockTable(Generic[W]):
@@ -153,13 +226,56 @@ class LockTable(Generic[W]):
         self._records: dict[Key, NameRecord] = {}
         self._idle: OrderedDict[Key, float] = OrderedDict()
         """Names with a record and no resource, by when they went idle (oldest first)."""
+        self._sessions: dict[str, Session] = {}
         self._dirty_holds: dict[HoldKey, Hold | None] = {}
+        self._dirty_sessions: dict[str, float | None] = {}
         self._dirty_token = False
         self._new_requests: list[tuple[RequestKey, int]] = []
         self._dirty_names: dict[Key, NameRecord | None] = {}
-        self._pending: list[tuple[Waiter[W], Grant]] = []
+        self._pending: list[tuple[Waiter[W], Outcome]] = []
         self._now = 0.0
         """The latest clock reading seen (request ids remembered without one use it)."""
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def open_session(self, session_id: str, ttl: float, now: float) -> Session:
+        """Start a session of ``ttl`` seconds (the caller picks an id no session has had)."""
+        if session_id in self._sessions:
+            raise InvalidRequest(f"session {session_id!r} exists already")
+        session = self._sessions[session_id] = Session(ttl, now + ttl, session_id)
+        self._dirty_sessions[session_id] = ttl
+        return session
+
+    def keepalive(self, session_ids: list[str], now: float) -> list[float | None]:
+        """Renew each session for its ttl from ``now``; answers its ttl, or None when it
+        has ended (an expired one ends now, with all it had)."""
+        answers: list[float | None] = []
+        for session_id in session_ids:
+            session = self._live_session(session_id, now)
+            if session is None:
+                answers.append(None)
+                continue
+            session.expires = now + session.ttl
+            answers.append(session.ttl)
+        return answers
+
+    def revoke_session(self, session_id: str, now: float) -> list[tuple[Waiter[W], Outcome]]:
+        """End a session now with all it had (a client closing); returns the handoffs."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            self._end_session(session, now, "revoked")
+        return self.take_handoffs()
+
+    def session(self, session_id: str, ttl: float, now: float) -> Session:
+        """The live session ``session_id`` of ``ttl``, for a call that names it."""
+        session = self._live_session(session_id, now)
+        if session is None:
+            raise SessionLost(f"session {session_id!r} has ended")
+        if session.ttl != ttl:
+            raise InvalidRequest(
+                f"ttl {ttl} does not match the ttl {session.ttl} of session {session_id!r}"
+            )
+        return session
 
     # --- operations -------------------------------------------------------------------
 
@@ -172,6 +288,7 @@ class LockTable(Generic[W]):
         now: float,
         wall: float,
         request_id: str | None = None,
+        session_id: str | None = None,
     ) -> Grant | None:
         """Grant at once if the rules allow, else return None (the caller may enqueue)."""
         self._now = now
@@ -179,6 +296,7 @@ class LockTable(Generic[W]):
             raise AcquireTimeout("this request was abandoned by its caller", name=key[1],
                                  owner=owner)  # fmt: skip
         remembered = self._remembered(("acquire", *key, owner, request_id or ""))
+        lease = self._lease(ttl, now, session_id)
         res = self._resources.get(key)
         if res is not None:
             self._expire(key, res, now)
@@ -200,9 +318,9 @@ class LockTable(Generic[W]):
             )  # fmt: skip
         hold = res.holds.get(owner)
         if hold is not None:
-            self._reenter(key, hold, ttl, now)
+            self._reenter(hold, lease)
         elif len(res.holds) < res.limit and not res.waiters:
-            hold = self._new_hold(key, res, owner, ttl, now, wall)
+            hold = self._new_hold(key, res, owner, lease, now, wall)
         else:
             return None
         self._remember(("acquire", *key, owner, request_id or ""), hold.token, request_id)
@@ -214,21 +332,25 @@ class LockTable(Generic[W]):
         res = self._resources.get(key)
         if res is None:
             raise InvalidRequest("enqueue without a denied acquire", name=key[1])
+        if waiter.session is not None:
+            waiter.session.waiters.add(waiter)
         if waiter.request_id is not None:
             for i, queued in enumerate(res.waiters):
                 if queued.owner == waiter.owner and queued.request_id == waiter.request_id:
                     res.waiters[i] = waiter  # a retry keeps the original's place
+                    self._unlist(queued)
                     return queued
         res.waiters.append(waiter)
         return None
 
-    def dequeue(self, waiter: Waiter[W], now: float) -> list[tuple[Waiter[W], Grant]]:
+    def dequeue(self, waiter: Waiter[W], now: float) -> list[tuple[Waiter[W], Outcome]]:
         """Remove a waiter that gave up; returns handoffs its leaving made possible."""
         key = waiter.key
         res = self._resources.get(key)
         if res is None or waiter not in res.waiters:
             return []
         res.waiters.remove(waiter)
+        self._unlist(waiter)
         self._pending += self._settle(key, res, now)
         return self.take_handoffs()
 
@@ -239,7 +361,7 @@ class LockTable(Generic[W]):
 
     def abandon(
         self, key: Key, owner: str, request_id: str, now: float
-    ) -> tuple[Waiter[W] | None, list[tuple[Waiter[W], Grant]]]:
+    ) -> tuple[Waiter[W] | None, list[tuple[Waiter[W], Outcome]]]:
         """The caller of acquire ``request_id`` has gone: undo it, whatever stage it reached.
 
         A queued waiter leaves (and is returned, for the caller to fail its wake); a
@@ -269,7 +391,7 @@ class LockTable(Generic[W]):
         token: int | None,
         now: float,
         request_id: str | None = None,
-    ) -> tuple[int, list[tuple[Waiter[W], Grant]]]:
+    ) -> tuple[int, list[tuple[Waiter[W], Outcome]]]:
         """Drop one count of the owner's hold; returns (count left, handoffs)."""
         self._now = now
         remembered = self._remembered(("release", *key, owner, request_id or ""))
@@ -278,26 +400,31 @@ class LockTable(Generic[W]):
         res, hold = self._find(key, owner, token, now)
         hold.count -= 1
         if hold.count == 0:
-            del res.holds[owner]
-            self._dirty_holds[(*key, owner)] = None
+            self._drop(res, hold)
         else:
             self._dirty_holds[(*key, owner)] = hold
         self._remember(("release", *key, owner, request_id or ""), hold.count, request_id)
         self._pending += self._settle(key, res, now)
         return hold.count, self.take_handoffs()
 
-    def extend(self, key: Key, owner: str, token: int | None, ttl: float, now: float) -> Grant:
-        """Make the owner's hold last ``ttl`` from now."""
-        res, hold = self._find(key, owner, token, now)
-        del res
-        hold.ttl = ttl
-        hold.expires = now + ttl
-        self._dirty_holds[(*key, owner)] = hold
+    def extend(
+        self,
+        key: Key,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        now: float,
+        session_id: str | None = None,
+    ) -> Grant:
+        """Make the owner's hold last ``ttl`` from now (or live by session ``session_id``)."""
+        lease = self._lease(ttl, now, session_id)
+        _, hold = self._find(key, owner, token, now)
+        self._move(hold, lease)
         return self._grant_of(key, hold, now, waited=0.0)
 
     def force_release(
         self, key: Key, owner: str | None, now: float
-    ) -> tuple[list[Hold], list[tuple[Waiter[W], Grant]]]:
+    ) -> tuple[list[Hold], list[tuple[Waiter[W], Outcome]]]:
         """Evict every holder (or one owner); their tokens and owners are recorded."""
         res = self._resources.get(key)
         if res is None:
@@ -306,8 +433,7 @@ class LockTable(Generic[W]):
         evicted = [h for h in res.holds.values() if owner is None or h.owner == owner]
         record = self._records.setdefault(key, NameRecord()) if evicted else None
         for hold in evicted:
-            del res.holds[hold.owner]
-            self._dirty_holds[(*key, hold.owner)] = None
+            self._drop(res, hold)
             assert record is not None
             _add_bounded(record.revoked, hold.token)
             _add_bounded(record.evicted, hold.owner)
@@ -316,15 +442,18 @@ class LockTable(Generic[W]):
         self._pending += self._settle(key, res, now)
         return evicted, self.take_handoffs()
 
-    def expire(self, now: float, key: Key | None = None) -> list[tuple[Waiter[W], Grant]]:
-        """Drop holds past their ttl (of ``key``, or across the table, which also prunes
-        idle names and old request ids); returns the handoffs."""
+    def expire(self, now: float, key: Key | None = None) -> list[tuple[Waiter[W], Outcome]]:
+        """Drop holds past their ttl (of ``key``, or across the table, which also ends
+        expired sessions and prunes idle names and old request ids); returns the handoffs."""
+        if key is None:
+            for session in [s for s in self._sessions.values() if s.expires <= now]:
+                self._end_session(session, now, "expired")
         self._drop_expired(now, key)
         if key is None:
             self._prune(now)
         return self.take_handoffs()
 
-    def take_handoffs(self) -> list[tuple[Waiter[W], Grant]]:
+    def take_handoffs(self) -> list[tuple[Waiter[W], Outcome]]:
         """Return and clear grants made to waiters that the caller has not been given yet."""
         handoffs, self._pending = self._pending, []
         return handoffs
@@ -399,6 +528,7 @@ class LockTable(Generic[W]):
             "resources": len(self._resources),
             "names": len(self._records),
             "requests": len(self._requests),
+            "sessions": len(self._sessions),
         }
 
     # --- persistence ------------------------------------------------------------------
@@ -408,6 +538,7 @@ class LockTable(Generic[W]):
         changes = Changes(
             # Copies: the writer may run after later steps changed the live state.
             holds={k: None if h is None else _copy(h) for k, h in self._dirty_holds.items()},
+            sessions=self._dirty_sessions,
             last_token=self.last_token if self._dirty_token else None,
             requests=self._new_requests,
             names={k: None if r is None else r.copy() for k, r in self._dirty_names.items()},
@@ -417,7 +548,7 @@ class LockTable(Generic[W]):
 
     def drop_changes(self) -> None:
         """Forget what changed (a store that persists nothing)."""
-        self._dirty_holds, self._dirty_token = {}, False
+        self._dirty_holds, self._dirty_sessions, self._dirty_token = {}, {}, False
         self._new_requests, self._dirty_names = [], {}
 
     def restore(
@@ -428,15 +559,19 @@ class LockTable(Generic[W]):
         now: float,
         names: dict[Key, NameRecord] | None = None,
         wall: float | None = None,
+        sessions: dict[str, float] | None = None,
     ) -> None:
-        """Load persisted state after a restart. Every hold gets its full ttl from ``now``:
-
-        that never shortens a hold (safety) and still ends it within its ttl (liveness).
+        """Load persisted state after a restart. Every lease (a hold's own, or a session
+        by its ttl in ``sessions``) gets its full ttl from ``now``: that never shortens a
+        hold (safety) and still ends it within its ttl (liveness). A hold whose lease
+        names a session not in ``sessions`` keeps its own lease of the ttl it carries.
         With ``wall`` (the wall clock now), ``held_for`` goes on from each hold's
         ``acquired_at``. Remembered request ids and idle names count their retention
         from ``now``.
         """
         self._now = now
+        for session_id, ttl in (sessions or {}).items():
+            self._sessions[session_id] = Session(ttl, now + ttl, session_id)
         self.last_token = max(self.last_token, last_token)
         for key, record in (names or {}).items():
             mine = self._records.setdefault(key, NameRecord())
@@ -447,7 +582,13 @@ class LockTable(Generic[W]):
         for key, hold in holds:
             held = 0.0 if wall is None else max(0.0, wall - hold.acquired_at)
             hold.granted = now - held
-            hold.expires = now + hold.ttl
+            hold.key = key
+            session = self._sessions.get(hold.session or "")
+            if session is None:
+                hold.lease = Lease(hold.ttl, now + hold.ttl)
+            else:
+                hold.lease = session
+                session.holds.add(hold)
             res = self._resources.setdefault(key, _Resource(hold.limit))
             res.holds[hold.owner] = hold
             self.last_token = max(self.last_token, hold.token)
@@ -489,7 +630,7 @@ class LockTable(Generic[W]):
         return NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
 
     def _new_hold(
-        self, key: Key, res: _Resource[W], owner: str, ttl: float, now: float, wall: float
+        self, key: Key, res: _Resource[W], owner: str, lease: Lease, now: float, wall: float
     ) -> Hold:
         self.last_token += 1
         self._dirty_token = True
@@ -499,16 +640,17 @@ class LockTable(Generic[W]):
         record.last_token = self.last_token
         record.evicted.pop(owner, None)
         self._dirty_names[key] = record
-        hold = Hold(owner, self.last_token, 1, ttl, res.limit, now, now + ttl, wall)
+        hold = Hold(key, owner, self.last_token, 1, lease, res.limit, now, wall)
+        if isinstance(lease, Session):
+            lease.holds.add(hold)
         res.holds[owner] = hold
         self._dirty_holds[(*key, owner)] = hold
         return hold
 
     def _expire(self, key: Key, res: _Resource[W], now: float) -> None:
-        gone = [owner for owner, hold in res.holds.items() if hold.expires <= now]
-        for owner in gone:
-            del res.holds[owner]
-            self._dirty_holds[(*key, owner)] = None
+        gone = [hold for hold in res.holds.values() if hold.expires <= now]
+        for hold in gone:
+            self._drop(res, hold)
         if gone:
             self._pending += self._settle(key, res, now)
 
@@ -545,28 +687,91 @@ class LockTable(Generic[W]):
                 break
             self._requests.popitem(last=False)
 
-    def _reenter(self, key: Key, hold: Hold, ttl: float, now: float) -> None:
+    def _reenter(self, hold: Hold, lease: Lease) -> None:
         hold.count += 1
-        if now + ttl >= hold.expires:  # the ttl a restart restores must not shrink either
-            hold.expires = now + ttl
-            hold.ttl = ttl
-        self._dirty_holds[(*key, hold.owner)] = hold
+        if lease.expires >= hold.expires:  # the ttl a restart restores must not shrink either
+            self._move(hold, lease)
+        self._dirty_holds[(*hold.key, hold.owner)] = hold
 
-    def _settle(self, key: Key, res: _Resource[W], now: float) -> list[tuple[Waiter[W], Grant]]:
+    def _move(self, hold: Hold, lease: Lease) -> None:
+        """Make ``hold`` live by ``lease`` from now on."""
+        if isinstance(hold.lease, Session):
+            hold.lease.holds.discard(hold)
+        hold.lease = lease
+        if isinstance(lease, Session):
+            lease.holds.add(hold)
+        self._dirty_holds[(*hold.key, hold.owner)] = hold
+
+    def _drop(self, res: _Resource[W], hold: Hold) -> None:
+        """Take ``hold`` out of its resource and its session."""
+        del res.holds[hold.owner]
+        if isinstance(hold.lease, Session):
+            hold.lease.holds.discard(hold)
+        self._dirty_holds[(*hold.key, hold.owner)] = None
+
+    def _unlist(self, waiter: Waiter[W]) -> None:
+        """Take a waiter that left its queue out of its session."""
+        if waiter.session is not None:
+            waiter.session.waiters.discard(waiter)
+
+    def _lease(self, ttl: float, now: float, session_id: str | None) -> Lease:
+        """The lease a call gets: the session it names, or one of its own."""
+        if session_id is None:
+            return Lease(ttl, now + ttl)
+        return self.session(session_id, ttl, now)
+
+    def _live_session(self, session_id: str, now: float) -> Session | None:
+        """The session, unless it has ended (one found expired ends now)."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.expires <= now:
+            self._end_session(session, now, "expired")
+            return None
+        return session
+
+    def _end_session(self, session: Session, now: float, why: str) -> None:
+        """End ``session`` with everything it had: its waiters leave their queues (told
+        ``SessionLost``), its holds are dropped, and the freed slots are granted."""
+        del self._sessions[session.id or ""]
+        self._dirty_sessions[session.id or ""] = None
+        touched: dict[Key, _Resource[W]] = {}
+        for waiter in list(session.waiters):
+            res = self._resources.get(waiter.key)
+            if res is not None and waiter in res.waiters:
+                res.waiters.remove(waiter)
+                touched[waiter.key] = res
+            lost = SessionLost(f"session {session.id!r} {why}", name=waiter.key[1],
+                               owner=waiter.owner)  # fmt: skip
+            self._pending.append((waiter, lost))
+        for hold in list(session.holds):
+            res = self._resources.get(hold.key)
+            if res is not None and res.holds.get(hold.owner) is hold:
+                self._drop(res, hold)
+                touched[hold.key] = res
+        session.waiters.clear()
+        session.holds.clear()
+        for key, res in touched.items():
+            self._pending += self._settle(key, res, now)
+
+    def _settle(self, key: Key, res: _Resource[W], now: float) -> list[tuple[Waiter[W], Outcome]]:
         """Grant queued waiters in order while slots are free; forget an idle resource."""
         self._now = now
-        handoffs: list[tuple[Waiter[W], Grant]] = []
+        handoffs: list[tuple[Waiter[W], Outcome]] = []
         while res.waiters:
             head = res.waiters[0]
+            if head.session is not None and head.session.expires <= now:
+                self._end_session(head.session, now, "expired")  # takes head out too
+                continue
             hold = res.holds.get(head.owner)
             if hold is None and len(res.holds) >= res.limit:
                 break
             res.waiters.pop(0)
+            self._unlist(head)
+            lease = head.session or Lease(head.ttl, now + head.ttl)
             if hold is not None:
-                self._reenter(key, hold, head.ttl, now)
+                self._reenter(hold, lease)
             else:
                 wall = head.acquired_at + (now - head.enqueued)  # display only
-                hold = self._new_hold(key, res, head.owner, head.ttl, now, wall)
+                hold = self._new_hold(key, res, head.owner, lease, now, wall)
             self._remember(
                 ("acquire", *key, head.owner, head.request_id or ""), hold.token, head.request_id
             )
@@ -610,5 +815,7 @@ def _add_bounded(records: dict[T, None], item: T) -> None:
 
 
 def _copy(hold: Hold) -> Hold:
-    return Hold(hold.owner, hold.token, hold.count, hold.ttl, hold.limit, hold.granted,
-                hold.expires, hold.acquired_at)  # fmt: skip
+    """A copy for the writer: its lease as it is now (ttl, expiry and session id)."""
+    lease = Lease(hold.lease.ttl, hold.lease.expires, hold.lease.id)
+    return Hold(hold.key, hold.owner, hold.token, hold.count, lease, hold.limit, hold.granted,
+                hold.acquired_at)  # fmt: skip

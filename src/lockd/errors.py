@@ -7,6 +7,7 @@ Every error is a :class:`LockError` and carries the lock's ``name``, ``owner`` a
     ├── AcquireTimeout       not granted within ``wait`` (also a TimeoutError)
     ├── NotHeld              release/extend by someone who does not hold the lock
     │   ├── LockLost         the hold ended: its ttl ran out, or renewal failed
+    │   │   └── SessionLost  the session named has ended, and every hold in it
     │   └── Revoked          an administrator force-released the hold
     ├── InvalidRequest       bad input; nothing was changed (also a ValueError)
     ├── SafetyUnavailable    the store cannot give the safety level asked for
@@ -28,6 +29,7 @@ __all__ = [
     "NotHeld",
     "Revoked",
     "SafetyUnavailable",
+    "SessionLost",
     "StoreBusy",
     "StoreRefused",
 ]
@@ -79,6 +81,13 @@ class LockLost(NotHeld):
     """The caller held the lock, but the hold has ended (ttl ran out or renewal failed)."""
 
     code = "lost"
+
+
+class SessionLost(LockLost):
+    """The session a call named has ended (expired or revoked), with every hold and
+    waiter it had: open a new session and acquire again."""
+
+    code = "session_lost"
 
 
 class Revoked(NotHeld):
@@ -133,6 +142,7 @@ ERROR_CODES: dict[str, type[LockError]] = {
         AcquireTimeout,
         NotHeld,
         LockLost,
+        SessionLost,
         Revoked,
         InvalidRequest,
         SafetyUnavailable,

@@ -18,6 +18,7 @@ from lockd.errors import InvalidRequest
 __all__ = [
     "CONTROL_CHARACTERS",
     "DEFAULT_NAMESPACE",
+    "MAX_KEEPALIVE",
     "MAX_LIMIT",
     "MAX_NAME_BYTES",
     "MAX_TTL",
@@ -45,6 +46,8 @@ MAX_NAME_BYTES = 512
 MAX_OWNER_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
 MAX_LIMIT = 100_000
+MAX_KEEPALIVE = 10_000
+"""Most sessions one keepalive may renew."""
 DEFAULT_NAMESPACE = "default"
 _NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -100,6 +103,8 @@ class Capabilities:
     """Holds and token counters survive a restart of the store."""
     shared_across_processes: bool
     """Clients in other processes or hosts can reach the same store directly."""
+    sessions: bool = False
+    """The store keeps sessions: leases that many holds share (``open_session``)."""
 
 
 class LockState(enum.Enum):
@@ -235,6 +240,24 @@ def check_request_id(value: object) -> str | None:
     if value is None:
         return None
     return _check_text(value, "request_id", MAX_REQUEST_ID_BYTES)
+
+
+def check_session_id(value: object) -> str | None:
+    """Validate an optional session id: the same rule as a request id."""
+    if value is None:
+        return None
+    return _check_text(value, "session", MAX_REQUEST_ID_BYTES)
+
+
+def check_session_ids(value: object) -> list[str]:
+    """Validate the session ids of one keepalive: a list of 1 to MAX_KEEPALIVE ids."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InvalidRequest(f"sessions must be a non-empty list of session ids, not {value!r}")
+    if len(value) > MAX_KEEPALIVE:
+        raise InvalidRequest(
+            f"one keepalive takes at most {MAX_KEEPALIVE} sessions, not {len(value)}"
+        )
+    return [_check_text(item, "session", MAX_REQUEST_ID_BYTES) for item in value]
 
 
 def check_prefix(value: object) -> str:

@@ -16,6 +16,7 @@ DOCUMENTED = {
         fair=True,
         durable=False,
         shared_across_processes=False,
+        sessions=True,
     ),
     "file": Capabilities(
         safety=SafetyLevel.LINEARIZABLE,
@@ -23,6 +24,7 @@ DOCUMENTED = {
         fair=True,
         durable=True,
         shared_across_processes=False,
+        sessions=True,
     ),
     "redis": Capabilities(
         safety=SafetyLevel.SINGLE_NODE,
@@ -49,7 +51,8 @@ def test_capabilities_are_as_documented(client: lockd.Client, store_url: str) ->
     caps = client.capabilities
     assert isinstance(caps, Capabilities)
     assert isinstance(caps.safety, SafetyLevel)
-    for flag in (caps.fencing, caps.fair, caps.durable, caps.shared_across_processes):
+    flags = (caps.fencing, caps.fair, caps.durable, caps.shared_across_processes, caps.sessions)
+    for flag in flags:
         assert isinstance(flag, bool)
     expected = DOCUMENTED.get(_scheme(store_url))
     if expected is not None:

@@ -367,7 +367,8 @@ class FaultyBackend(Backend):
     async def _acquire(self, req: AcquireRequest) -> Grant:
         def call(s: Backend) -> Awaitable[Grant]:
             return s.acquire(req.namespace, req.name, req.owner, ttl=req.ttl, wait=req.wait,
-                             limit=req.limit, request_id=req.request_id)  # fmt: skip
+                             limit=req.limit, request_id=req.request_id,
+                             session=req.session)  # fmt: skip
 
         return await self._through(call)
 
@@ -383,6 +384,20 @@ class FaultyBackend(Backend):
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
         return await self._through(lambda s: s.extend(namespace, name, owner, token, ttl))
+
+    async def _extend_in_session(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
+    ) -> Grant:
+        return await self._through(lambda s: s.extend(namespace, name, owner, token, ttl, session))
+
+    async def _open_session(self, ttl: float) -> str:
+        return await self._through(lambda s: s.open_session(ttl))
+
+    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+        return await self._through(lambda s: s.keepalive(session_ids))
+
+    async def _revoke_session(self, session_id: str) -> None:
+        await self._through(lambda s: s.revoke_session(session_id))
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
         return await self._through(lambda s: s.inspect(namespace, name))

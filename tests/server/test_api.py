@@ -215,6 +215,7 @@ def test_openapi_describes_the_lock_routes_and_their_bodies(http: httpx.Client) 
         "wait",
         "limit",
         "request_id",
+        "session",
         "wait_total",
     }
 
@@ -343,6 +344,9 @@ DOCUMENTED = {
     ("get", "/v1/locks/{name}"): {200, 400, 500, 503},
     ("delete", "/v1/locks/{name}"): {200, 400, 500, 503},
     ("get", "/v1/locks"): {200, 400, 500, 503},
+    ("post", "/v1/sessions"): {200, 400, 413, 415, 500, 503},
+    ("post", "/v1/sessions/keepalive"): {200, 400, 413, 415, 500, 503},
+    ("delete", "/v1/sessions/{session}"): {200, 400, 500, 503},
     ("get", "/v1/info"): {200},
     ("get", "/healthz"): {200},
     ("get", "/readyz"): {200, 503},
@@ -379,6 +383,15 @@ def test_openapi_documents_the_real_statuses_and_bodies(http: httpx.Client) -> N
     release = routes[("post", "/v1/locks/{name}/release")]["responses"]
     body = http.post("/v1/locks/job/release", json={"owner": "a"}).json()
     assert set(_schema(spec, release["200"])["properties"]) == set(body)
+    opened = http.post("/v1/sessions", json={"ttl": 30}).json()
+    answers = routes[("post", "/v1/sessions")]["responses"]
+    assert set(_schema(spec, answers["200"])["properties"]) == set(opened)
+    kept = http.post("/v1/sessions/keepalive", json={"sessions": [opened["session"]]}).json()
+    answers = routes[("post", "/v1/sessions/keepalive")]["responses"]
+    assert set(_schema(spec, answers["200"])["properties"]) == set(kept)
+    ended = http.delete(f"/v1/sessions/{opened['session']}").json()
+    answers = routes[("delete", "/v1/sessions/{session}")]["responses"]
+    assert set(_schema(spec, answers["200"])["properties"]) == set(ended)
 
 
 def test_docs_load_without_any_other_host(http: httpx.Client) -> None:
@@ -393,3 +406,47 @@ def test_docs_load_without_any_other_host(http: httpx.Client) -> None:
         r = http.get(asset)
         assert r.status_code == 200 and len(r.content) > 1000, asset
     assert "/openapi.json" in page.text
+
+
+def test_sessions_over_http(http: httpx.Client) -> None:
+    """One keepalive request keeps every hold of a session; ending it frees them all."""
+    assert http.get("/v1/info").json()["capabilities"]["sessions"] is True
+    opened = http.post("/v1/sessions", json={"ttl": 1})
+    assert opened.status_code == 200
+    sid = opened.json()["session"]
+    assert opened.json()["ttl"] == 1
+    for name in ("s1", "s2"):
+        r = acquire(http, name, owner="a", ttl=1, session=sid)
+        assert r.status_code == 200, r.text
+    for _ in range(4):  # 2 s: twice the ttl, kept by keepalives alone
+        kept = http.post("/v1/sessions/keepalive", json={"sessions": [sid, "other"]})
+        assert kept.json() == {"ttls": [1, None]}
+        time.sleep(0.5)
+    assert [h["owner"] for h in http.get("/v1/locks/s2").json()["holders"]] == ["a"]
+    assert http.delete(f"/v1/sessions/{sid}").json() == {"session": sid, "revoked": True}
+    assert http.get("/v1/locks/s1").json()["holders"] == []
+    lost = acquire(http, "s1", owner="a", ttl=1, session=sid)
+    assert (lost.status_code, lost.json()["error"]) == (409, "session_lost")
+    moved = http.post("/v1/locks/s1/acquire", json={"owner": "b", "ttl": 30})
+    extended = http.post("/v1/locks/s1/extend", json={"owner": "b", "ttl": 1, "session": sid})
+    assert moved.status_code == 200
+    assert (extended.status_code, extended.json()["error"]) == (409, "session_lost")
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/sessions", {"ttl": 0}),
+        ("/v1/sessions", {"ttl": "5"}),
+        ("/v1/sessions", {"ttl": 5, "extra": 1}),
+        ("/v1/sessions/keepalive", {"sessions": []}),
+        ("/v1/sessions/keepalive", {"sessions": "abc"}),
+        ("/v1/sessions/keepalive", {"sessions": ["a\u0000"]}),
+        ("/v1/locks/x/acquire", {"ttl": 5, "session": ""}),
+        ("/v1/locks/x/acquire", {"ttl": 5, "session": 7}),
+    ],
+)
+def test_bad_session_input_is_400(http: httpx.Client, route: str, body: object) -> None:
+    r = http.post(route, json=body)
+    assert (r.status_code, r.json()["error"]) == (400, "invalid"), r.text
+    assert http.get("/v1/locks/x").json()["last_token"] == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,8 @@ from lockd.model import (
     check_owner,
     check_prefix,
     check_request_id,
+    check_session_id,
+    check_session_ids,
     check_ttl,
     check_wait,
 )
@@ -53,6 +55,8 @@ class AcquireRequest:
     """Seconds to queue; None: without end; 0: try once."""
     limit: int
     request_id: str | None
+    session: str | None = None
+    """The session the hold (or the waiter) lives by; None: a lease of its own of ttl."""
 
 
 class ContinueOnLoop(Exception):
@@ -110,11 +114,14 @@ class Backend(abc.ABC):
         wait: float | None,
         limit: int = 1,
         request_id: str | None = None,
+        session: str | None = None,
     ) -> Grant:
         """Grant a hold, waiting up to ``wait`` seconds (None: no end) in FIFO order.
 
         Raises AcquireTimeout when not granted in time. Reentrant for the same owner.
         Cancelling the call leaves the queue, and gives back a grant made meanwhile.
+        With ``session`` (whose ttl ``ttl`` must be) the hold and the wait live by that
+        session, and end with it; else the hold has a lease of its own of ``ttl``.
         """
         return await self._acquire(
             AcquireRequest(
@@ -125,6 +132,7 @@ class Backend(abc.ABC):
                 wait=check_wait(wait),
                 limit=check_limit(limit),
                 request_id=check_request_id(request_id),
+                session=self._check_session(session),
             )
         )
 
@@ -158,16 +166,48 @@ class Backend(abc.ABC):
         await self._abandon(check_namespace(namespace), check_name(name), check_owner(owner), rid)
 
     async def extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        session: str | None = None,
     ) -> Grant:
-        """Make the owner's hold last ``ttl`` seconds from now."""
-        return await self._extend(
-            check_namespace(namespace),
-            check_name(name),
-            check_owner(owner),
-            _check_token(token),
-            check_ttl(ttl),
-        )
+        """Make the owner's hold last ``ttl`` seconds from now, by a lease of its own, or
+        move it to ``session`` (whose ttl ``ttl`` must be)."""
+        args = (check_namespace(namespace), check_name(name), check_owner(owner),
+                _check_token(token), check_ttl(ttl))  # fmt: skip
+        sid = self._check_session(session)
+        if sid is None:
+            return await self._extend(*args)
+        return await self._extend_in_session(*args, sid)
+
+    async def open_session(self, ttl: float) -> str:
+        """Open a session of ``ttl`` seconds and return its id.
+
+        Holds and waiters that name the session live as long as it does: it ends (with
+        all of them at once) ``ttl`` seconds after its last keepalive, measured by the
+        store's clock, or when revoked. Raises InvalidRequest on a store without sessions.
+        """
+        self._need_sessions()
+        return await self._open_session(check_ttl(ttl))
+
+    async def keepalive(self, session_ids: Sequence[str]) -> list[float | None]:
+        """Renew every session named for its ttl from now, in one call.
+
+        Answers, in order, each session's ttl, or None for one that has ended (its holds
+        and waiters ended with it).
+        """
+        self._need_sessions()
+        return await self._keepalive(check_session_ids(session_ids))
+
+    async def revoke_session(self, session_id: str) -> None:
+        """End a session now, with its holds (released) and waiters (told SessionLost)."""
+        rid = self._check_session(session_id)
+        if rid is None:
+            raise InvalidRequest("revoke_session needs a session id")
+        await self._revoke_session(rid)
 
     async def inspect(self, namespace: str, name: str) -> ResourceInfo:
         """Holders, waiters and last token of one name."""
@@ -199,6 +239,26 @@ class Backend(abc.ABC):
         """Release the store's connections and files."""
         return
 
+    def _check_session(self, session: str | None) -> str | None:
+        """Validate an optional session id (refused by a store that keeps no sessions)."""
+        if session is None:
+            return None
+        self._need_sessions()
+        return check_session_id(session)
+
+    def _need_sessions(self) -> None:
+        if not self.capabilities.sessions:
+            raise InvalidRequest(f"{self.url} keeps no sessions")
+
+    async def _open_session(self, ttl: float) -> str:
+        raise NotImplementedError
+
+    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+        raise NotImplementedError
+
+    async def _revoke_session(self, session_id: str) -> None:
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def _acquire(self, req: AcquireRequest) -> Grant: ...
 
@@ -214,6 +274,11 @@ class Backend(abc.ABC):
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant: ...
+
+    async def _extend_in_session(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
+    ) -> Grant:
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo: ...

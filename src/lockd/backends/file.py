@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from lockd._core import RETENTION, Changes, Hold, Key, NameRecord, RequestKey
+from lockd._core import RETENTION, Changes, Hold, Key, Lease, NameRecord, RequestKey
 from lockd.backends.memory import Clock, LocalBackend
 from lockd.errors import BackendUnavailable, InvalidRequest, StoreBusy
 from lockd.model import Capabilities, SafetyLevel
@@ -71,9 +71,10 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS holds (
     namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
     token INTEGER NOT NULL, count INTEGER NOT NULL, ttl REAL NOT NULL,
-    lim INTEGER NOT NULL, acquired_at REAL NOT NULL,
+    lim INTEGER NOT NULL, acquired_at REAL NOT NULL, session TEXT,
     PRIMARY KEY (namespace, name, owner)
 );
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, ttl REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS names (
     namespace TEXT NOT NULL, name TEXT NOT NULL, last_token INTEGER NOT NULL,
     revoked TEXT NOT NULL DEFAULT '[]', evicted TEXT NOT NULL DEFAULT '[]',
@@ -98,6 +99,7 @@ DURABLE = Capabilities(
     fair=True,
     durable=True,
     shared_across_processes=False,
+    sessions=True,
 )
 """``sync=full``: every answer is on disk (fsync) before it leaves."""
 KILL_SAFE = Capabilities(
@@ -106,6 +108,7 @@ KILL_SAFE = Capabilities(
     fair=True,
     durable=False,
     shared_across_processes=False,
+    sessions=True,
 )
 """``sync=normal``: survives kill -9, not a power loss (which can repeat a token)."""
 
@@ -131,6 +134,7 @@ class _Loaded:
     requests: list[tuple[RequestKey, int]]
     names: dict[Key, NameRecord]
     log_end: int
+    sessions: dict[str, float]
 
 
 class FileBackend(LocalBackend):
@@ -198,7 +202,7 @@ class FileBackend(LocalBackend):
         self._db = loaded.db
         now = self._clock()
         self._table.restore(loaded.holds, loaded.last_token, loaded.requests, now,
-                            loaded.names, self._wall())  # fmt: skip
+                            loaded.names, self._wall(), loaded.sessions)  # fmt: skip
         self._log_end = loaded.log_end
         self._log_marks.append((now, loaded.log_end))
 
@@ -229,11 +233,18 @@ class FileBackend(LocalBackend):
             )
         }
         holds: list[tuple[Key, Hold]] = [
-            ((ns, name), Hold(owner, token, count, ttl, lim, 0.0, 0.0, acquired_at))
-            for ns, name, owner, token, count, ttl, lim, acquired_at in db.execute(
-                "SELECT namespace, name, owner, token, count, ttl, lim, acquired_at FROM holds"
+            (
+                (ns, name),
+                Hold(
+                    (ns, name), owner, token, count, Lease(ttl, 0.0, session), lim, 0.0, acquired_at
+                ),
+            )
+            for ns, name, owner, token, count, ttl, lim, acquired_at, session in db.execute(
+                "SELECT namespace, name, owner, token, count, ttl, lim, acquired_at, session"
+                " FROM holds"
             )
         ]
+        sessions = {str(i): float(ttl) for i, ttl in db.execute("SELECT id, ttl FROM sessions")}
         (last_token,) = db.execute("SELECT last_token FROM counter").fetchone()
         db.execute(
             "DELETE FROM request_log WHERE rowid <= (SELECT max(rowid) FROM request_log) - ?",
@@ -247,7 +258,8 @@ class FileBackend(LocalBackend):
             requests.pop(key, None)  # the later answer is also the more recent one
             requests[key] = int(value)
         (log_end,) = db.execute("SELECT coalesce(max(rowid), 0) FROM request_log").fetchone()
-        return _Loaded(db, holds, int(last_token), list(requests.items()), names, int(log_end))
+        return _Loaded(db, holds, int(last_token), list(requests.items()), names, int(log_end),
+                       sessions)  # fmt: skip
 
     def _check(self) -> None:
         super()._check()
@@ -365,15 +377,17 @@ class FileBackend(LocalBackend):
         with one statement per table.
         """
         holds: dict[tuple[str, str, str], Hold | None] = {}
+        sessions: dict[str, float | None] = {}
         names: dict[Key, NameRecord | None] = {}
         counter: int | None = None
         for changes in batch:
             holds.update(changes.holds)
+            sessions.update(changes.sessions)
             names.update(changes.names)
             if changes.last_token is not None:
                 counter = changes.last_token
         gone = [key for key, hold in holds.items() if hold is None]
-        kept = [(*key, h.token, h.count, h.ttl, h.limit, h.acquired_at)
+        kept = [(*key, h.token, h.count, h.ttl, h.limit, h.acquired_at, h.session)
                 for key, h in holds.items() if h is not None]  # fmt: skip
         named = [(*key, r.last_token, _json(list(r.revoked)), _json(list(r.evicted)))
                  for key, r in names.items() if r is not None]  # fmt: skip
@@ -381,7 +395,11 @@ class FileBackend(LocalBackend):
         requests = [(*key, value) for changes in batch for key, value in changes.requests]
         writes: list[tuple[str, list[tuple[Any, ...]]]] = [
             ("DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?", gone),
-            ("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?)", kept),
+            ("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", kept),
+            ("INSERT OR REPLACE INTO sessions VALUES (?, ?)",
+             [(i, ttl) for i, ttl in sessions.items() if ttl is not None]),
+            ("DELETE FROM sessions WHERE id = ?",
+             [(i,) for i, ttl in sessions.items() if ttl is None]),
             ("INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?)", named),
             ("DELETE FROM names WHERE namespace = ? AND name = ?", pruned),
             ("UPDATE counter SET last_token = ?", [] if counter is None else [(counter,)]),
@@ -459,6 +477,9 @@ def _carry_over(db: sqlite3.Connection) -> None:
             " ALTER TABLE names ADD COLUMN evicted TEXT NOT NULL DEFAULT '[]';"
             " DROP TABLE IF EXISTS revoked; COMMIT;"
         )
+    if "session" not in {row[1] for row in db.execute("PRAGMA table_info(holds)")}:
+        # Before sessions: every hold had its own lease.
+        db.execute("ALTER TABLE holds ADD COLUMN session TEXT")
     if db.execute("SELECT 1 FROM counter").fetchone() is None:
         # Before the counter row: the counter was the highest token any name got.
         db.execute(

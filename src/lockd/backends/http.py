@@ -83,6 +83,7 @@ class HttpBackend(Backend):
         self.capabilities = Capabilities(
             safety=SafetyLevel.parse(caps["safety"]), fencing=bool(caps["fencing"]),
             fair=bool(caps["fair"]), durable=bool(caps["durable"]), shared_across_processes=True,
+            sessions=bool(caps.get("sessions", False)),
         )  # fmt: skip
         self.max_poll = float(info["max_poll"])
 
@@ -92,7 +93,7 @@ class HttpBackend(Backend):
         # undoes it; the cancelled poll closes its connection, so the server drops it.
         return await undo_on_cancel(
             self._poll_acquire(
-                req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit, rid
+                req.namespace, req.name, req.owner, req.ttl, req.wait, req.limit, rid, req.session
             ),
             lambda: self._abandon(req.namespace, req.name, req.owner, rid),
             self._background,
@@ -112,6 +113,7 @@ class HttpBackend(Backend):
         wait: float | None,
         limit: int,
         request_id: str,
+        session: str | None,
     ) -> Grant:
         start = time.monotonic()
         end = None if wait is None else start + wait
@@ -123,6 +125,8 @@ class HttpBackend(Backend):
             # place in the queue (and a grant made meanwhile) until that poll arrives.
             body = {"owner": owner, "ttl": ttl, "wait": poll, "wait_total": left,
                     "limit": limit, "request_id": request_id}  # fmt: skip
+            if session is not None:
+                body["session"] = session
             try:
                 data = await self._call(
                     "POST", f"/v1/locks/{_path(name)}/acquire", namespace, json=body,
@@ -149,13 +153,40 @@ class HttpBackend(Backend):
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
-        body = {"owner": owner, "token": token, "ttl": ttl}
+        return await self._extend_in_session(namespace, name, owner, token, ttl, None)
+
+    async def _extend_in_session(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        session: str | None,
+    ) -> Grant:
+        body: dict[str, Any] = {"owner": owner, "token": token, "ttl": ttl}
+        if session is not None:
+            body["session"] = session
         # One attempt: the SDK retries extends itself, and a renewal that fails must say so
         # at once (the hold turns at_risk), not after seconds of retrying in here.
         data = await self._call("POST", f"/v1/locks/{_path(name)}/extend", namespace, json=body,
                                 deadline=time.monotonic(), name=name, owner=owner,
                                 token=token)  # fmt: skip
         return _grant(data)
+
+    async def _open_session(self, ttl: float) -> str:
+        # A retry after a lost answer opens another session; the unused one just expires.
+        data = await self._call("POST", "/v1/sessions", json={"ttl": ttl})
+        return str(data["session"])
+
+    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+        # One attempt, as for an extend: the caller renews again, and must hear at once.
+        data = await self._call("POST", "/v1/sessions/keepalive", json={"sessions": session_ids},
+                                deadline=time.monotonic())  # fmt: skip
+        return [None if ttl is None else float(ttl) for ttl in data["ttls"]]
+
+    async def _revoke_session(self, session_id: str) -> None:
+        await self._call("DELETE", f"/v1/sessions/{_path(session_id)}")
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
         return _info(await self._call("GET", f"/v1/locks/{_path(name)}", namespace))

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Callable
 from typing import TypeVar, cast
 
-from lockd._core import RETENTION, Changes, Key, LockTable, Waiter
+from lockd._core import RETENTION, Changes, Key, LockTable, Outcome, Waiter
 from lockd.backends.base import AcquireRequest, Backend
 from lockd.errors import AcquireTimeout, BackendUnavailable, NotHeld
 from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
@@ -40,7 +41,7 @@ __all__ = ["LocalBackend", "MemoryBackend"]
 T = TypeVar("T")
 Clock = Callable[[], float]
 Wake = asyncio.Future[Grant]
-Handoff = tuple[Waiter[Wake], Grant]
+Handoff = tuple[Waiter[Wake], Outcome]
 Step = Callable[[], tuple[T, list[Handoff]]]
 SWEEP_INTERVAL = 1.0
 """Seconds between sweeps of expired holds that nobody waits on."""
@@ -73,19 +74,21 @@ class LocalBackend(Backend):
 
     async def _acquire(self, req: AcquireRequest) -> Grant:
         namespace, name, owner, ttl, wait = req.namespace, req.name, req.owner, req.ttl, req.wait
-        limit, request_id = req.limit, req.request_id
+        limit, request_id, session = req.limit, req.request_id, req.session
         self._check()
         self._start()
         key = (namespace, name)
 
         def step() -> tuple[Grant | Waiter[Wake] | None, list[Handoff]]:
             now = self._clock()
-            grant = self._table.acquire(key, owner, ttl, limit, now, self._wall(), request_id)
+            grant = self._table.acquire(key, owner, ttl, limit, now, self._wall(), request_id,
+                                        session)  # fmt: skip
             if grant is not None or wait == 0:
                 return grant, []
             # Queue in the same step as the denial: no release can slip in between.
             waiter = Waiter(key, owner, ttl, now, self._loop().create_future(), request_id,
-                            self._wall())  # fmt: skip
+                            self._wall(), session=self._table.session(session, ttl, now)
+                            if session is not None else None)  # fmt: skip
             replaced = self._table.enqueue(waiter)
             if replaced is not None and not replaced.wake.done():
                 replaced.wake.set_exception(self._timeout(key, owner, "replaced by a retry"))
@@ -140,6 +143,36 @@ class LocalBackend(Backend):
         key = (namespace, name)
         return await self._durably(
             key, lambda: (self._table.extend(key, owner, token, ttl, self._clock()), [])
+        )
+
+    async def _extend_in_session(
+        self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
+    ) -> Grant:
+        self._check()
+        key = (namespace, name)
+        return await self._durably(
+            key, lambda: (self._table.extend(key, owner, token, ttl, self._clock(), session), [])
+        )
+
+    async def _open_session(self, ttl: float) -> str:
+        self._check()
+        self._start()
+        session_id = secrets.token_hex(12)
+        await self._durably(
+            None, lambda: (self._table.open_session(session_id, ttl, self._clock()), [])
+        )
+        return session_id
+
+    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+        self._check()
+        return await self._durably(
+            None, lambda: (self._table.keepalive(session_ids, self._clock()), [])
+        )
+
+    async def _revoke_session(self, session_id: str) -> None:
+        self._check()
+        await self._durably(
+            None, lambda: (None, self._table.revoke_session(session_id, self._clock()))
         )
 
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo:
@@ -308,9 +341,13 @@ class LocalBackend(Backend):
     # --- waking waiters ---------------------------------------------------------------
 
     def _deliver(self, handoffs: list[Handoff]) -> None:
-        for waiter, grant in handoffs:
-            if not waiter.wake.done():  # done: its caller left and gave the grant back
-                waiter.wake.set_result(grant)
+        for waiter, outcome in handoffs:
+            if waiter.wake.done():  # its caller left (and gave the grant back)
+                pass
+            elif isinstance(outcome, Grant):
+                waiter.wake.set_result(outcome)
+            else:
+                waiter.wake.set_exception(outcome)
             self._arm_timer(waiter.key)
 
     def _give_back(self, key: Key, grant: Grant) -> None:
@@ -387,4 +424,5 @@ class MemoryBackend(LocalBackend):
         fair=True,
         durable=False,
         shared_across_processes=False,
+        sessions=True,
     )

@@ -51,10 +51,13 @@ from lockd.server.schema import (
     AbandonOut,
     GrantOut,
     InfoOut,
+    KeepaliveOut,
     ListOut,
     ReleaseOut,
     ResourceOut,
     RevokedOut,
+    SessionOut,
+    SessionRevokedOut,
     StatusOut,
     drop_422,
     responses,
@@ -78,6 +81,7 @@ STATUS: dict[str, int] = {
     "not_held": 409,
     "lost": 409,
     "revoked": 409,
+    "session_lost": 409,
     "unavailable": 503,
     "store_busy": 503,
     # The store refused the server's own credentials or permissions: the server is
@@ -117,6 +121,11 @@ class AcquireBody(_Body):
     )
     limit: int = Field(1, description="Holders allowed at once: 1 for a lock, N for a semaphore.")
     request_id: str | None = Field(None, description="Retries with the same id apply once.")
+    session: str | None = Field(
+        None,
+        description="A session (POST /v1/sessions) of this ttl that the hold, and the wait, "
+        "live by; omitted: the hold has a lease of its own of ttl.",
+    )
     wait_total: float | None = Field(
         None,
         description="The whole wait left, of which this poll is the first `wait` seconds; "
@@ -149,6 +158,21 @@ class ExtendBody(_Body):
     owner: str
     ttl: float
     token: int | None = None
+    session: str | None = Field(
+        None, description="Move the hold to this session (of this ttl) instead."
+    )
+
+
+class SessionBody(_Body):
+    """Open a session of ``ttl`` seconds."""
+
+    ttl: float = Field(description="Seconds it lasts after its last keepalive (0.1 to 604800).")
+
+
+class KeepaliveBody(_Body):
+    """Renew every session named, in one request."""
+
+    sessions: list[str] = Field(description="Session ids (1 to 10,000).")
 
 
 def _plain(record: object) -> dict[str, Any]:
@@ -200,7 +224,8 @@ async def acquire(
 
     def start() -> Coroutine[Any, Any, Grant]:
         return backend.acquire(namespace, name, owner, ttl=body.ttl, wait=total if keep else poll,
-                               limit=body.limit, request_id=body.request_id)  # fmt: skip
+                               limit=body.limit, request_id=body.request_id,
+                               session=body.session)  # fmt: skip
 
     try:
         # With no wait and nothing to take up, there is nothing to race: answer directly.
@@ -264,8 +289,43 @@ async def extend(
     name: str, body: ExtendBody, request: Request, namespace: str = DEFAULT_NAMESPACE
 ) -> JSONResponse:
     """Only the holder may extend; 409 otherwise."""
-    grant = await _backend(request).extend(namespace, name, body.owner, body.token, body.ttl)
+    grant = await _backend(request).extend(
+        namespace, name, body.owner, body.token, body.ttl, body.session
+    )
     return JSONResponse(_plain(grant))
+
+
+@router.post(
+    "/v1/sessions",
+    summary="Open a session",
+    responses=responses(SessionOut, *LOCK_ERRORS),
+)
+async def open_session(body: SessionBody, request: Request) -> JSONResponse:
+    """A lease that many holds and waiters share, renewed for all by one keepalive."""
+    session = await _backend(request).open_session(body.ttl)
+    return JSONResponse({"session": session, "ttl": body.ttl})
+
+
+@router.post(
+    "/v1/sessions/keepalive",
+    summary="Renew sessions",
+    responses=responses(KeepaliveOut, *LOCK_ERRORS),
+)
+async def keepalive(body: KeepaliveBody, request: Request) -> JSONResponse:
+    """Each session's ttl from now, or null for one that has ended (with all it had)."""
+    return JSONResponse({"ttls": await _backend(request).keepalive(body.sessions)})
+
+
+@router.delete(
+    "/v1/sessions/{session:path}",
+    summary="End a session",
+    response_model=None,
+    responses=responses(SessionRevokedOut, *STORE_ERRORS),
+)
+async def revoke_session(session: str, request: Request) -> dict[str, Any]:
+    """End a session now: its holds are released and its waiters told session_lost."""
+    await _backend(request).revoke_session(session)
+    return {"session": session, "revoked": True}
 
 
 @router.get(
@@ -324,6 +384,7 @@ async def info(request: Request) -> dict[str, Any]:
             "fencing": caps.fencing,
             "fair": caps.fair,
             "durable": caps.durable,
+            "sessions": caps.sessions,
         },
         "max_poll": request.app.state.max_poll,
         "waiter_lease": request.app.state.waiter_lease,

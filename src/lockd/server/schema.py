@@ -60,6 +60,26 @@ class AbandonOut(BaseModel):
     abandoned: bool
 
 
+class SessionOut(BaseModel):
+    """A session opened: holds and waiters that name it live as long as it does."""
+
+    session: str = Field(description="The session's id, for acquire, extend and keepalive.")
+    ttl: float = Field(description="Seconds it lasts after its last keepalive.")
+
+
+class KeepaliveOut(BaseModel):
+    """Each session's ttl after the keepalive, in the order asked; null: it has ended."""
+
+    ttls: list[float | None]
+
+
+class SessionRevokedOut(BaseModel):
+    """A session ended, with its holds and waiters."""
+
+    session: str
+    revoked: bool
+
+
 class ResourceOut(BaseModel):
     """A name's holders, waiters and last token."""
 
@@ -91,6 +111,7 @@ class CapabilitiesOut(BaseModel):
     fencing: bool
     fair: bool
     durable: bool
+    sessions: bool = Field(description="The store keeps sessions (/v1/sessions).")
 
 
 class InfoOut(BaseModel):
@@ -113,8 +134,8 @@ class ErrorOut(BaseModel):
     """Every error: a code to match on and a message to show."""
 
     error: str = Field(
-        description="invalid, not_found, timeout, not_held, lost, revoked, unavailable, "
-        "store_busy, store_refused or lock_error."
+        description="invalid, not_found, timeout, not_held, lost, session_lost, revoked, "
+        "unavailable, store_busy, store_refused or lock_error."
     )
     message: str
     name: str | None = None
@@ -127,7 +148,7 @@ _ERRORS: dict[int, str] = {
     400: "Bad input (invalid): nothing was changed.",
     404: "No such route (not_found).",
     409: "Not granted in time (timeout, with the holders), or not the holder "
-    "(not_held, lost, revoked).",
+    "(not_held, lost, revoked), or the session named has ended (session_lost).",
     413: "The request body is too large (invalid).",
     415: "The request body is not JSON (invalid).",
     500: "The store refused the server's credentials or permissions (store_refused), "

@@ -1,0 +1,257 @@
+"""Unit tests of the lock table's sessions: leases that many holds and waiters share.
+
+Hand-picked clock readings as in ``test_core.py``; each test names the rule it checks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from lockd._core import Hold, Key, LockTable, Outcome, Waiter
+from lockd.errors import InvalidRequest, LockLost, NotHeld, SessionLost
+from lockd.model import Grant
+from tests.test_core import WALL, A, B, Table, holders
+
+C: Key = ("default", "c")
+
+
+def session_waiter(
+    table: Table, key: Key, owner: str, sid: str, ttl: float, now: float
+) -> Waiter[str]:
+    """Queue ``owner`` on ``key`` in session ``sid`` (the test expects a denial first)."""
+    assert table.acquire(key, owner, ttl, 1, now, WALL, session_id=sid) is None
+    w = Waiter(key, owner, ttl, now, f"wake-{owner}", None, WALL,
+               session=table.session(sid, ttl, now))  # fmt: skip
+    assert table.enqueue(w) is None
+    return w
+
+
+def granted(handoffs: list[tuple[Waiter[str], Outcome]]) -> list[tuple[str, int]]:
+    """(owner, token) of each waiter handed a grant, in order."""
+    return [(w.owner, o.token) for w, o in handoffs if isinstance(o, Grant)]
+
+
+def told_lost(handoffs: list[tuple[Waiter[str], Outcome]]) -> list[str]:
+    """Owners of the waiters told that their session ended."""
+    return [w.owner for w, o in handoffs if isinstance(o, SessionLost)]
+
+
+# --- opening and keeping alive ----------------------------------------------------------------
+
+
+def test_a_session_lease_is_shared_and_renewed_by_one_keepalive() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    for key in (A, B, C):
+        assert table.acquire(key, "alice", 10.0, 1, 1.0, WALL, session_id="s") is not None
+    # Every hold reads the session's lease, not a lease of its own from its grant.
+    assert holders(table, C, 4.0) == [("alice", 3, 1, 6.0)]
+    assert table.keepalive(["s"], 8.0) == [10.0]
+    assert [holders(table, key, 17.5)[0][3] for key in (A, B, C)] == [0.5, 0.5, 0.5]
+    assert table.acquire(A, "bob", 1.0, 1, 17.9, WALL) is None  # still alice's
+
+
+def test_opening_a_session_twice_under_one_id_is_refused() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    with pytest.raises(InvalidRequest, match="exists"):
+        table.open_session("s", 5.0, 1.0)
+    assert table.keepalive(["s"], 2.0) == [10.0]  # the first is untouched
+
+
+def test_keepalive_answers_none_for_an_unknown_or_ended_session_and_never_revives_one() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 1.0, 0.0)
+    table.open_session("t", 5.0, 0.0)
+    assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL, session_id="s") is not None
+    assert table.keepalive(["s", "nope", "t"], 1.0) == [None, None, 5.0]  # s expired at 1.0
+    assert table.keepalive(["s"], 1.1) == [None]
+    assert holders(table, A, 1.1) == []
+
+
+# --- the end of a session ---------------------------------------------------------------------
+
+
+def test_an_expired_session_ends_every_hold_at_once_and_the_queues_move_on() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 2.0, 0.0)
+    for key in (A, B):
+        assert table.acquire(key, "alice", 2.0, 1, 0.0, WALL, session_id="s") is not None
+    queued = [Waiter(key, "bob", 5.0, 0.5, f"wake-{key[1]}", None, WALL) for key in (A, B)]
+    for key, w in zip((A, B), queued, strict=True):
+        assert table.acquire(key, "bob", 5.0, 1, 0.5, WALL) is None
+        assert table.enqueue(w) is None
+    assert table.expire(1.9) == []
+    handoffs = table.expire(2.0)  # the sweep ends the session
+    assert granted(handoffs) == [("bob", 3), ("bob", 4)]
+    assert {w.key for w, _ in handoffs} == {A, B}
+    assert table.sizes()["sessions"] == 0
+    with pytest.raises(LockLost):
+        table.release(A, "alice", 1, 2.0)
+
+
+def test_a_hold_of_an_expired_session_is_gone_before_any_sweep() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 2.0, 0.0)
+    assert table.acquire(A, "alice", 2.0, 1, 0.0, WALL, session_id="s") is not None
+    grant = table.acquire(A, "bob", 1.0, 1, 2.0, WALL)  # no sweep ran
+    assert grant is not None
+    assert grant.token == 2
+
+
+def test_a_revoked_session_releases_its_holds_and_tells_its_waiters() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 30.0, 0.0)
+    table.open_session("t", 30.0, 0.0)
+    assert table.acquire(A, "alice", 30.0, 1, 0.0, WALL, session_id="s") is not None
+    assert table.acquire(B, "carol", 30.0, 1, 0.0, WALL) is not None
+    session_waiter(table, B, "alice", "s", 30.0, 1.0)
+    session_waiter(table, A, "bob", "t", 30.0, 1.0)
+    handoffs = table.revoke_session("s", 2.0)
+    assert granted(handoffs) == [("bob", 3)]
+    assert told_lost(handoffs) == ["alice"]
+    assert table.inspect(B, 2.0, WALL).waiters == ()  # alice left B's queue
+    assert holders(table, A, 2.0) == [("bob", 3, 1, 28.0)]  # bob lives by session t
+    with pytest.raises(LockLost):  # released, not revoked by an administrator
+        table.release(A, "alice", 1, 2.0)
+    assert table.revoke_session("s", 3.0) == []  # twice: nothing more
+
+
+def test_a_waiter_whose_session_expired_is_passed_over_and_told() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 2.0, 0.0)
+    assert table.acquire(A, "alice", 10.0, 1, 0.0, WALL) is not None
+    session_waiter(table, A, "bob", "s", 2.0, 0.5)
+    carol = Waiter(A, "carol", 10.0, 0.6, "wake-carol", None, WALL)
+    assert table.acquire(A, "carol", 10.0, 1, 0.6, WALL) is None
+    assert table.enqueue(carol) is None
+    _, handoffs = table.release(A, "alice", 1, 3.0)  # bob's session ended at 2.0
+    assert told_lost(handoffs) == ["bob"]
+    assert granted(handoffs) == [("carol", 2)]
+
+
+def test_a_call_naming_an_ended_session_gets_session_lost_and_changes_nothing() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 1.0, 0.0)
+    with pytest.raises(SessionLost):
+        table.acquire(A, "alice", 1.0, 1, 1.5, WALL, session_id="s")  # it ended at 1.0
+    with pytest.raises(SessionLost):
+        table.acquire(A, "alice", 1.0, 1, 2.0, WALL, session_id="never")
+    assert table.last_token == 0
+    assert table.inspect(A, 2.0, WALL).holders == ()
+
+
+def test_a_ttl_other_than_the_sessions_is_refused() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    with pytest.raises(InvalidRequest, match="does not match"):
+        table.acquire(A, "alice", 5.0, 1, 0.0, WALL, session_id="s")
+    assert table.last_token == 0
+
+
+# --- moving between leases --------------------------------------------------------------------
+
+
+def test_a_reentry_moves_the_hold_to_a_lease_that_lasts_longer_only() -> None:
+    table: Table = LockTable()
+    table.open_session("long", 30.0, 0.0)
+    table.open_session("short", 1.0, 0.0)
+    assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL) is not None  # its own lease, to 5
+    assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL, session_id="short") is not None
+    assert holders(table, A, 0.0) == [("alice", 1, 2, 5.0)]  # kept: the session ends at 1
+    assert table.acquire(A, "alice", 30.0, 1, 1.0, WALL, session_id="long") is not None
+    assert table.keepalive(["long"], 20.0) == [30.0]
+    assert holders(table, A, 20.0) == [("alice", 1, 3, 30.0)]  # it lives by "long" now
+
+
+def test_extend_moves_a_hold_into_a_session_and_out_of_it() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 2.0, 0.0)
+    assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL) is not None
+    assert table.extend(A, "alice", 1, 2.0, 0.5, session_id="s").ttl == 1.5
+    assert table.keepalive(["s"], 1.5) == [2.0]
+    assert holders(table, A, 3.0) == [("alice", 1, 1, 0.5)]  # by the session, past its own
+    assert table.extend(A, "alice", 1, 10.0, 3.0).ttl == 10.0  # a lease of its own again
+    assert table.expire(4.0) == []  # the session ends at 3.5 ...
+    assert holders(table, A, 4.0) == [("alice", 1, 1, 9.0)]  # ... and the hold goes on
+
+
+def test_extend_into_an_ended_session_changes_nothing() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 1.0, 0.0)
+    assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL) is not None
+    with pytest.raises(SessionLost):
+        table.extend(A, "alice", 1, 1.0, 2.0, session_id="s")
+    assert holders(table, A, 2.0) == [("alice", 1, 1, 3.0)]
+
+
+def test_a_queued_grant_lives_by_the_waiters_session() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 4.0, 0.0)
+    assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL) is not None
+    session_waiter(table, A, "bob", "s", 4.0, 0.0)
+    assert table.keepalive(["s"], 3.0) == [4.0]
+    assert granted(table.expire(3.0, A)) == [("bob", 2)]
+    assert holders(table, A, 3.0) == [("bob", 2, 1, 4.0)]
+    handoffs = table.revoke_session("s", 3.5)
+    assert handoffs == []
+    with pytest.raises(NotHeld):
+        table.release(A, "bob", None, 3.5)
+
+
+def test_a_retry_that_replaces_a_queued_waiter_leaves_one_in_the_session() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    assert table.acquire(A, "alice", 10.0, 1, 0.0, WALL) is not None
+    session = table.session("s", 10.0, 0.0)
+    first = Waiter(A, "bob", 10.0, 0.0, "wake-1", "r", WALL, session=session)
+    retry = Waiter(A, "bob", 10.0, 1.0, "wake-2", "r", WALL, session=session)
+    for w in (first, retry):
+        assert table.acquire(A, "bob", 10.0, 1, w.enqueued, WALL, "r", "s") is None
+    assert table.enqueue(first) is None
+    assert table.enqueue(retry) is first
+    assert session.waiters == {retry}
+    assert told_lost(table.revoke_session("s", 2.0)) == ["bob"]
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+
+def test_sessions_are_noted_for_the_writer_and_a_keepalive_writes_nothing() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    assert table.acquire(A, "alice", 10.0, 1, 0.0, WALL, session_id="s") is not None
+    changes = table.take_changes()
+    assert changes.sessions == {"s": 10.0}
+    hold = changes.holds[(*A, "alice")]
+    assert hold is not None
+    assert (hold.session, hold.ttl) == ("s", 10.0)
+    table.keepalive(["s"], 5.0)
+    assert not table.take_changes()
+    table.revoke_session("s", 6.0)
+    changes = table.take_changes()
+    assert changes.sessions == {"s": None}
+    assert changes.holds == {(*A, "alice"): None}
+
+
+def test_restore_gives_each_session_its_full_ttl_and_its_holds_rejoin_it() -> None:
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    table.open_session("gone", 10.0, 0.0)
+    assert table.acquire(A, "alice", 10.0, 1, 0.0, WALL, session_id="s") is not None
+    assert table.acquire(B, "alice", 10.0, 1, 0.0, WALL, session_id="gone") is not None
+    changes = table.take_changes()
+    holds: list[tuple[Key, Hold]] = [
+        ((ns, name), copy.copy(h)) for (ns, name, _), h in changes.holds.items() if h is not None
+    ]
+    restored: Table = LockTable()
+    # "gone" is not among the sessions read back: its hold keeps a lease of its own.
+    restored.restore(holds, changes.last_token or 0, [], now=100.0, sessions={"s": 10.0})
+    assert holders(restored, A, 100.0) == [("alice", 1, 1, 10.0)]
+    assert restored.keepalive(["s"], 105.0) == [10.0]
+    assert holders(restored, A, 114.0) == [("alice", 1, 1, 1.0)]  # renewed with its session
+    assert holders(restored, B, 114.0) == []  # its own lease ended at 110
+    restored.revoke_session("s", 114.0)
+    assert holders(restored, A, 114.0) == []
