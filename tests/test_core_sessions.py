@@ -154,28 +154,59 @@ def test_a_ttl_other_than_the_sessions_is_refused() -> None:
 # --- moving between leases --------------------------------------------------------------------
 
 
-def test_a_reentry_moves_the_hold_to_a_lease_that_lasts_longer_only() -> None:
+def test_a_hold_lasts_while_any_of_its_leases_does() -> None:
+    """A re-entry's session joins the hold's leases; its own lease only ever grows."""
     table: Table = LockTable()
     table.open_session("long", 30.0, 0.0)
     table.open_session("short", 1.0, 0.0)
     assert table.acquire(A, "alice", 5.0, 1, 0.0, WALL) is not None  # its own lease, to 5
     assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL, session_id="short") is not None
-    assert holders(table, A, 0.0) == [("alice", 1, 2, 5.0)]  # kept: the session ends at 1
+    assert table.acquire(A, "alice", 2.0, 1, 0.0, WALL) is not None  # to 2: not shorter
+    assert holders(table, A, 0.0) == [("alice", 1, 3, 5.0)]
     assert table.acquire(A, "alice", 30.0, 1, 1.0, WALL, session_id="long") is not None
     assert table.keepalive(["long"], 20.0) == [30.0]
-    assert holders(table, A, 20.0) == [("alice", 1, 3, 30.0)]  # it lives by "long" now
+    assert holders(table, A, 20.0) == [("alice", 1, 4, 30.0)]  # by "long", past the rest
+    table.revoke_session("long", 21.0)
+    assert holders(table, A, 21.0) == []  # its last lease ended
 
 
-def test_extend_moves_a_hold_into_a_session_and_out_of_it() -> None:
+def test_a_shared_owner_is_held_while_either_client_keeps_its_session() -> None:
+    """Two clients hold one owner's hold, each by its own session: the hold lasts while
+    either session does, and a client that lets go takes its session off the hold."""
+    table: Table = LockTable()
+    table.open_session("a", 10.0, 0.0)
+    table.open_session("b", 10.0, 0.0)
+    assert table.acquire(A, "job", 10.0, 1, 0.0, WALL, session_id="a") is not None
+    assert table.acquire(A, "job", 10.0, 1, 0.0, WALL, session_id="b") is not None
+    assert table.keepalive(["a"], 8.0) == [10.0]  # "b" is not kept: it ends at 10
+    assert table.expire(12.0) == []
+    assert holders(table, A, 12.0) == [("job", 1, 2, 6.0)]  # kept by "a"
+    assert table.release(A, "job", 1, 13.0, session_id="a")[0] == 1
+    assert holders(table, A, 13.0) == []  # b's count is left, but nothing keeps it
+
+
+def test_a_release_naming_its_session_leaves_the_others_keeping_the_hold() -> None:
+    table: Table = LockTable()
+    table.open_session("a", 10.0, 0.0)
+    table.open_session("b", 10.0, 0.0)
+    for sid in ("a", "b"):
+        assert table.acquire(A, "job", 10.0, 1, 0.0, WALL, session_id=sid) is not None
+    assert table.release(A, "job", 1, 1.0, session_id="a")[0] == 1
+    table.revoke_session("a", 2.0)
+    assert holders(table, A, 2.0) == [("job", 1, 1, 8.0)]  # "b" keeps it
+    assert table.release(A, "job", 1, 3.0, session_id="b") == (0, [])
+
+
+def test_extend_adds_a_session_or_sets_the_own_lease() -> None:
     table: Table = LockTable()
     table.open_session("s", 2.0, 0.0)
     assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL) is not None
     assert table.extend(A, "alice", 1, 2.0, 0.5, session_id="s").ttl == 1.5
     assert table.keepalive(["s"], 1.5) == [2.0]
     assert holders(table, A, 3.0) == [("alice", 1, 1, 0.5)]  # by the session, past its own
-    assert table.extend(A, "alice", 1, 10.0, 3.0).ttl == 10.0  # a lease of its own again
+    assert table.extend(A, "alice", 1, 10.0, 3.0).ttl == 10.0  # its own lease, to 13
     assert table.expire(4.0) == []  # the session ends at 3.5 ...
-    assert holders(table, A, 4.0) == [("alice", 1, 1, 9.0)]  # ... and the hold goes on
+    assert holders(table, A, 4.0) == [("alice", 1, 1, 9.0)]  # ... and the own lease goes on
 
 
 def test_extend_into_an_ended_session_changes_nothing() -> None:
@@ -227,7 +258,7 @@ def test_sessions_are_noted_for_the_writer_and_a_keepalive_writes_nothing() -> N
     assert changes.sessions == {"s": 10.0}
     hold = changes.holds[(*A, "alice")]
     assert hold is not None
-    assert (hold.session, hold.ttl) == ("s", 10.0)
+    assert (hold.own, [s.id for s in hold.sessions]) == (None, ["s"])
     table.keepalive(["s"], 5.0)
     assert not table.take_changes()
     table.revoke_session("s", 6.0)
@@ -236,22 +267,25 @@ def test_sessions_are_noted_for_the_writer_and_a_keepalive_writes_nothing() -> N
     assert changes.holds == {(*A, "alice"): None}
 
 
-def test_restore_gives_each_session_its_full_ttl_and_its_holds_rejoin_it() -> None:
+def test_restore_gives_each_lease_its_full_ttl_and_the_holds_rejoin_their_sessions() -> None:
     table: Table = LockTable()
     table.open_session("s", 10.0, 0.0)
     table.open_session("gone", 10.0, 0.0)
     assert table.acquire(A, "alice", 10.0, 1, 0.0, WALL, session_id="s") is not None
     assert table.acquire(B, "alice", 10.0, 1, 0.0, WALL, session_id="gone") is not None
+    assert table.acquire(C, "alice", 3.0, 1, 0.0, WALL) is not None
+    assert table.acquire(C, "alice", 10.0, 1, 0.0, WALL, session_id="gone") is not None
     changes = table.take_changes()
     holds: list[tuple[Key, Hold]] = [
         ((ns, name), copy.copy(h)) for (ns, name, _), h in changes.holds.items() if h is not None
     ]
     restored: Table = LockTable()
-    # "gone" is not among the sessions read back: its hold keeps a lease of its own.
+    # "gone" is not among the sessions read back: it ended before the restart.
     restored.restore(holds, changes.last_token or 0, [], now=100.0, sessions={"s": 10.0})
     assert holders(restored, A, 100.0) == [("alice", 1, 1, 10.0)]
+    assert holders(restored, B, 100.0) == []  # kept by "gone" alone: ended with it
+    assert holders(restored, C, 100.0) == [("alice", 3, 2, 3.0)]  # by its own lease
     assert restored.keepalive(["s"], 105.0) == [10.0]
     assert holders(restored, A, 114.0) == [("alice", 1, 1, 1.0)]  # renewed with its session
-    assert holders(restored, B, 114.0) == []  # its own lease ended at 110
     restored.revoke_session("s", 114.0)
     assert holders(restored, A, 114.0) == []

@@ -367,7 +367,7 @@ async def test_a_store_from_before_sessions_is_carried_over(tmp_path: Path) -> N
     await store.aclose()
     db = sqlite3.connect(tmp_path / "lockd.db")
     with db:  # the layout before sessions
-        db.execute("ALTER TABLE holds DROP COLUMN session")
+        db.execute("ALTER TABLE holds DROP COLUMN sessions")
         db.execute("DROP TABLE sessions")
     db.close()
 

@@ -7,22 +7,27 @@ that reading; the memory and file backends wrap it with futures and persistence.
 
 Rules (each one is a contract item of docs/architecture.md):
 
-* Every hold lives by a *lease*: its own (``ttl``, ``expires``), or a *session*'s, a
-  lease with an id that many holds and waiters share, made by ``open_session`` and
-  renewed for all of them at once by ``keepalive``. A hold whose lease has
-  ``expires <= now`` is gone; every method first drops such holds of the resource it
-  touches (``_expire``), so expiry is decided by the store's clock only, and grants the
-  freed slots to the queue at once.
-* A session that expires or is revoked ends everything it had in one step: its holds
-  are dropped and its waiters leave their queues (their wakes get ``SessionLost``), and
-  freed slots go to the next waiters. A call naming a session that has ended gets
-  ``SessionLost`` and changes nothing; a session is never renewed past its end. A call
-  naming a session gives the session's ttl as its own (a mismatch is refused).
+* Every hold lives by its *leases*: at most one of its own (``ttl``, ``expires``), set by
+  the calls that name no session, and the *sessions* its acquirers named: leases with an
+  id that many holds and waiters share, made by ``open_session`` and renewed for all of
+  them at once by ``keepalive``. A hold lasts until the last of its leases ends, so
+  whoever holds it (an owner may be shared by several clients, each with its session)
+  can count on the lease it keeps. A hold whose leases have all ended is gone; every
+  method first drops such holds of the resource it touches (``_expire``), so expiry is
+  decided by the store's clock only, and grants the freed slots to the queue at once.
+* A session that expires or is revoked ends in one step: its waiters leave their
+  queues (their wakes get ``SessionLost``), its holds lose it as a lease (those with no
+  other live lease end), and freed slots go to the next waiters. A call naming a session
+  that has ended gets ``SessionLost`` and changes nothing; a session is never renewed
+  past its end. A call naming a session gives the session's ttl as its own (a mismatch
+  is refused).
 * Reentrancy: an owner that already holds gets the same token and ``count + 1`` at once,
-  even with waiters queued (queueing behind yourself would deadlock). The hold moves to
-  the re-entry's lease when that lease lasts at least as long, so its expiry never moves
-  earlier, and neither does the ttl a restart would restore. ``extend`` moves the hold
-  to the lease it names (a session, or a lease of its own of ``ttl`` from now).
+  even with waiters queued (queueing behind yourself would deadlock). The re-entry's
+  session joins the hold's leases; without one, its own lease moves to ``ttl`` from now
+  if that is later, so its expiry never moves earlier, and neither does the ttl a
+  restart would restore. ``extend`` adds the session it names, or sets its own lease to
+  ``ttl`` from now. A release naming a session also takes that session off the hold (the
+  releasing client has no count left in it).
 * A new owner is granted only when a slot is free *and* nobody is queued: arrivals never
   barge past waiters (FIFO). Otherwise it is denied, and the caller may ``enqueue``.
 * Whenever a slot frees (release, expiry, force-release, a waiter leaving), queued
@@ -58,6 +63,7 @@ keepalive changes nothing durable: a restart gives every lease its full ttl).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -105,18 +111,17 @@ RETENTION = 600.0
 
 @dataclass(slots=True, eq=False)
 class Lease:
-    """How long a hold lasts: its own lease, or (as a :class:`Session`) one it shares."""
+    """A hold's own lease: ``ttl`` seconds, ending at ``expires`` on the store's clock."""
 
     ttl: float
     expires: float
-    id: str | None = None
-    """The session's id; None for a hold's own lease."""
 
 
 @dataclass(slots=True, eq=False)
 class Session(Lease):
-    """A lease many holds and waiters share, renewed for all of them by one keepalive."""
+    """A lease with an id that many holds and waiters share, renewed by one keepalive."""
 
+    id: str = ""
     holds: set[Hold] = field(default_factory=set)
     waiters: set[Waiter[Any]] = field(default_factory=set)
 
@@ -129,7 +134,10 @@ class Hold:
     owner: str
     token: int
     count: int
-    lease: Lease
+    own: Lease | None
+    """Its own lease, set by the calls that named no session."""
+    sessions: tuple[Session, ...]
+    """The sessions its acquirers named."""
     limit: int
     granted: float
     """Store clock reading when the hold began (moved back by the time held on a restore)."""
@@ -137,19 +145,19 @@ class Hold:
     """Wall-clock time of the grant, for display only."""
 
     @property
-    def ttl(self) -> float:
-        """The ttl of its lease (what a restart restores)."""
-        return self.lease.ttl
-
-    @property
     def expires(self) -> float:
-        """When its lease ends, on the store's clock."""
-        return self.lease.expires
+        """When the last of its leases ends, on the store's clock."""
+        end = -math.inf if self.own is None else self.own.expires
+        for session in self.sessions:
+            end = max(end, session.expires)
+        return end
 
     @property
-    def session(self) -> str | None:
-        """The id of the session it lives by, if any."""
-        return self.lease.id
+    def ttl(self) -> float:
+        """The ttl of its own lease, else of its longest session (for display)."""
+        if self.own is not None:
+            return self.own.ttl
+        return max((session.ttl for session in self.sessions), default=0.0)
 
 
 @dataclass(slots=True, eq=False)
@@ -296,7 +304,7 @@ class LockTable(Generic[W]):
             raise AcquireTimeout("this request was abandoned by its caller", name=key[1],
                                  owner=owner)  # fmt: skip
         remembered = self._remembered(("acquire", *key, owner, request_id or ""))
-        lease = self._lease(ttl, now, session_id)
+        session = self._named(session_id, ttl, now)
         res = self._resources.get(key)
         if res is not None:
             self._expire(key, res, now)
@@ -318,9 +326,9 @@ class LockTable(Generic[W]):
             )  # fmt: skip
         hold = res.holds.get(owner)
         if hold is not None:
-            self._reenter(hold, lease)
+            self._reenter(hold, ttl, now, session)
         elif len(res.holds) < res.limit and not res.waiters:
-            hold = self._new_hold(key, res, owner, lease, now, wall)
+            hold = self._new_hold(key, res, owner, ttl, session, now, wall)
         else:
             return None
         self._remember(("acquire", *key, owner, request_id or ""), hold.token, request_id)
@@ -391,15 +399,20 @@ class LockTable(Generic[W]):
         token: int | None,
         now: float,
         request_id: str | None = None,
+        session_id: str | None = None,
     ) -> tuple[int, list[tuple[Waiter[W], Outcome]]]:
-        """Drop one count of the owner's hold; returns (count left, handoffs)."""
+        """Drop one count of the owner's hold, and session ``session_id`` from its leases;
+        returns (count left, handoffs)."""
         self._now = now
         remembered = self._remembered(("release", *key, owner, request_id or ""))
         if remembered is not None:
             return remembered, []
         res, hold = self._find(key, owner, token, now)
         hold.count -= 1
-        if hold.count == 0:
+        for session in hold.sessions:
+            if session.id == session_id:
+                self._detach(hold, session)
+        if hold.count == 0 or hold.expires <= now:  # none left, or nothing keeps the rest
             self._drop(res, hold)
         else:
             self._dirty_holds[(*key, owner)] = hold
@@ -416,10 +429,15 @@ class LockTable(Generic[W]):
         now: float,
         session_id: str | None = None,
     ) -> Grant:
-        """Make the owner's hold last ``ttl`` from now (or live by session ``session_id``)."""
-        lease = self._lease(ttl, now, session_id)
+        """Set the owner's own lease to ``ttl`` from now, or add session ``session_id`` to
+        the hold's leases."""
+        session = self._named(session_id, ttl, now)
         _, hold = self._find(key, owner, token, now)
-        self._move(hold, lease)
+        if session is not None:
+            self._attach(hold, session)
+        else:
+            hold.own = Lease(ttl, now + ttl)
+        self._dirty_holds[(*key, owner)] = hold
         return self._grant_of(key, hold, now, waited=0.0)
 
     def force_release(
@@ -563,8 +581,9 @@ class LockTable(Generic[W]):
     ) -> None:
         """Load persisted state after a restart. Every lease (a hold's own, or a session
         by its ttl in ``sessions``) gets its full ttl from ``now``: that never shortens a
-        hold (safety) and still ends it within its ttl (liveness). A hold whose lease
-        names a session not in ``sessions`` keeps its own lease of the ttl it carries.
+        hold (safety) and still ends it within its ttl (liveness). Each hold carries its
+        own lease's ttl and its sessions' ids; a session not in ``sessions`` has ended,
+        and a hold left with no lease is not restored.
         With ``wall`` (the wall clock now), ``held_for`` goes on from each hold's
         ``acquired_at``. Remembered request ids and idle names count their retention
         from ``now``.
@@ -583,11 +602,14 @@ class LockTable(Generic[W]):
             held = 0.0 if wall is None else max(0.0, wall - hold.acquired_at)
             hold.granted = now - held
             hold.key = key
-            session = self._sessions.get(hold.session or "")
-            if session is None:
-                hold.lease = Lease(hold.ttl, now + hold.ttl)
-            else:
-                hold.lease = session
+            if hold.own is not None:
+                hold.own = Lease(hold.own.ttl, now + hold.own.ttl)
+            hold.sessions = tuple(
+                self._sessions[s.id] for s in hold.sessions if s.id in self._sessions
+            )
+            if hold.own is None and not hold.sessions:
+                continue  # its sessions ended: so did it
+            for session in hold.sessions:
                 session.holds.add(hold)
             res = self._resources.setdefault(key, _Resource(hold.limit))
             res.holds[hold.owner] = hold
@@ -630,7 +652,14 @@ class LockTable(Generic[W]):
         return NotHeld(f"{owner!r} does not hold {name!r}", name=name, owner=owner, token=token)
 
     def _new_hold(
-        self, key: Key, res: _Resource[W], owner: str, lease: Lease, now: float, wall: float
+        self,
+        key: Key,
+        res: _Resource[W],
+        owner: str,
+        ttl: float,
+        session: Session | None,
+        now: float,
+        wall: float,
     ) -> Hold:
         self.last_token += 1
         self._dirty_token = True
@@ -640,9 +669,10 @@ class LockTable(Generic[W]):
         record.last_token = self.last_token
         record.evicted.pop(owner, None)
         self._dirty_names[key] = record
-        hold = Hold(key, owner, self.last_token, 1, lease, res.limit, now, wall)
-        if isinstance(lease, Session):
-            lease.holds.add(hold)
+        own = None if session is not None else Lease(ttl, now + ttl)
+        hold = Hold(key, owner, self.last_token, 1, own, (), res.limit, now, wall)
+        if session is not None:
+            self._attach(hold, session)
         res.holds[owner] = hold
         self._dirty_holds[(*key, owner)] = hold
         return hold
@@ -687,26 +717,30 @@ class LockTable(Generic[W]):
                 break
             self._requests.popitem(last=False)
 
-    def _reenter(self, hold: Hold, lease: Lease) -> None:
+    def _reenter(self, hold: Hold, ttl: float, now: float, session: Session | None) -> None:
         hold.count += 1
-        if lease.expires >= hold.expires:  # the ttl a restart restores must not shrink either
-            self._move(hold, lease)
+        if session is not None:
+            self._attach(hold, session)
+        elif hold.own is None or now + ttl >= hold.own.expires:  # never shorter, nor its ttl
+            hold.own = Lease(ttl, now + ttl)
         self._dirty_holds[(*hold.key, hold.owner)] = hold
 
-    def _move(self, hold: Hold, lease: Lease) -> None:
-        """Make ``hold`` live by ``lease`` from now on."""
-        if isinstance(hold.lease, Session):
-            hold.lease.holds.discard(hold)
-        hold.lease = lease
-        if isinstance(lease, Session):
-            lease.holds.add(hold)
+    def _attach(self, hold: Hold, session: Session) -> None:
+        if session not in hold.sessions:
+            hold.sessions = (*hold.sessions, session)
+            session.holds.add(hold)
+            self._dirty_holds[(*hold.key, hold.owner)] = hold
+
+    def _detach(self, hold: Hold, session: Session) -> None:
+        hold.sessions = tuple(s for s in hold.sessions if s is not session)
+        session.holds.discard(hold)
         self._dirty_holds[(*hold.key, hold.owner)] = hold
 
     def _drop(self, res: _Resource[W], hold: Hold) -> None:
-        """Take ``hold`` out of its resource and its session."""
+        """Take ``hold`` out of its resource and its sessions."""
         del res.holds[hold.owner]
-        if isinstance(hold.lease, Session):
-            hold.lease.holds.discard(hold)
+        for session in hold.sessions:
+            session.holds.discard(hold)
         self._dirty_holds[(*hold.key, hold.owner)] = None
 
     def _unlist(self, waiter: Waiter[W]) -> None:
@@ -714,11 +748,9 @@ class LockTable(Generic[W]):
         if waiter.session is not None:
             waiter.session.waiters.discard(waiter)
 
-    def _lease(self, ttl: float, now: float, session_id: str | None) -> Lease:
-        """The lease a call gets: the session it names, or one of its own."""
-        if session_id is None:
-            return Lease(ttl, now + ttl)
-        return self.session(session_id, ttl, now)
+    def _named(self, session_id: str | None, ttl: float, now: float) -> Session | None:
+        """The live session a call names (of the call's ttl), if it names one."""
+        return None if session_id is None else self.session(session_id, ttl, now)
 
     def _live_session(self, session_id: str, now: float) -> Session | None:
         """The session, unless it has ended (one found expired ends now)."""
@@ -730,9 +762,10 @@ class LockTable(Generic[W]):
 
     def _end_session(self, session: Session, now: float, why: str) -> None:
         """End ``session`` with everything it had: its waiters leave their queues (told
-        ``SessionLost``), its holds are dropped, and the freed slots are granted."""
-        del self._sessions[session.id or ""]
-        self._dirty_sessions[session.id or ""] = None
+        ``SessionLost``), its holds lose it (those with no other live lease end), and the
+        freed slots are granted."""
+        del self._sessions[session.id]
+        self._dirty_sessions[session.id] = None
         touched: dict[Key, _Resource[W]] = {}
         for waiter in list(session.waiters):
             res = self._resources.get(waiter.key)
@@ -743,8 +776,9 @@ class LockTable(Generic[W]):
                                owner=waiter.owner)  # fmt: skip
             self._pending.append((waiter, lost))
         for hold in list(session.holds):
+            self._detach(hold, session)
             res = self._resources.get(hold.key)
-            if res is not None and res.holds.get(hold.owner) is hold:
+            if res is not None and res.holds.get(hold.owner) is hold and hold.expires <= now:
                 self._drop(res, hold)
                 touched[hold.key] = res
         session.waiters.clear()
@@ -766,12 +800,11 @@ class LockTable(Generic[W]):
                 break
             res.waiters.pop(0)
             self._unlist(head)
-            lease = head.session or Lease(head.ttl, now + head.ttl)
             if hold is not None:
-                self._reenter(hold, lease)
+                self._reenter(hold, head.ttl, now, head.session)
             else:
                 wall = head.acquired_at + (now - head.enqueued)  # display only
-                hold = self._new_hold(key, res, head.owner, lease, now, wall)
+                hold = self._new_hold(key, res, head.owner, head.ttl, head.session, now, wall)
             self._remember(
                 ("acquire", *key, head.owner, head.request_id or ""), hold.token, head.request_id
             )
@@ -815,7 +848,7 @@ def _add_bounded(records: dict[T, None], item: T) -> None:
 
 
 def _copy(hold: Hold) -> Hold:
-    """A copy for the writer: its lease as it is now (ttl, expiry and session id)."""
-    lease = Lease(hold.lease.ttl, hold.lease.expires, hold.lease.id)
-    return Hold(hold.key, hold.owner, hold.token, hold.count, lease, hold.limit, hold.granted,
-                hold.acquired_at)  # fmt: skip
+    """A copy for the writer: its leases as they are now (a session's id never changes)."""
+    own = None if hold.own is None else Lease(hold.own.ttl, hold.own.expires)
+    return Hold(hold.key, hold.owner, hold.token, hold.count, own, hold.sessions, hold.limit,
+                hold.granted, hold.acquired_at)  # fmt: skip

@@ -105,21 +105,35 @@ async def test_a_call_naming_an_ended_session_changes_nothing(backend: lockd.Bac
     assert (await backend.inspect(NS, "s-ended")).holders[0].ttl_left > 29
 
 
-async def test_extend_moves_a_hold_into_a_session_and_out(backend: lockd.Backend) -> None:
+async def test_extend_adds_a_session_to_the_leases_that_keep_a_hold(
+    backend: lockd.Backend,
+) -> None:
     if await refuses_sessions(backend):
         return
-    sid = await backend.open_session(TTL)
-    grant = await backend.acquire(NS, "s-move", "me", ttl=30, wait=0)
-    moved = await backend.extend(NS, "s-move", "me", grant.token, TTL, session=sid)
-    assert moved.ttl <= TTL
-    await backend.revoke_session(sid)  # the hold lives by the session now: it ends
-    assert (await backend.inspect(NS, "s-move")).holders == ()
-
-    sid = await backend.open_session(TTL)
-    grant = await backend.acquire(NS, "s-move", "me", ttl=TTL, wait=0, session=sid)
-    await backend.extend(NS, "s-move", "me", grant.token, 30)  # a lease of its own again
+    sid = await backend.open_session(30)
+    grant = await backend.acquire(NS, "s-extend", "me", ttl=TTL, wait=0)
+    moved = await backend.extend(NS, "s-extend", "me", grant.token, 30, session=sid)
+    assert moved.ttl > 29
+    await asyncio.sleep(TTL + 0.1)  # its own lease is over: the session keeps it
+    assert [h.token for h in (await backend.inspect(NS, "s-extend")).holders] == [grant.token]
     await backend.revoke_session(sid)
-    assert [h.token for h in (await backend.inspect(NS, "s-move")).holders] == [grant.token]
+    assert (await backend.inspect(NS, "s-extend")).holders == ()
+
+
+async def test_a_shared_owner_is_kept_by_each_clients_session(backend: lockd.Backend) -> None:
+    """Two clients hold one owner (a handle) by sessions of their own: the hold lasts
+    while either keeps its session, and a release naming a session lets that one go."""
+    if await refuses_sessions(backend):
+        return
+    mine, theirs = await backend.open_session(30), await backend.open_session(30)
+    grant = await backend.acquire(NS, "s-shared", "job", ttl=30, wait=0, session=mine)
+    again = await backend.acquire(NS, "s-shared", "job", ttl=30, wait=0, session=theirs)
+    assert (again.token, again.count) == (grant.token, 2)
+    await backend.revoke_session(mine)  # one client goes: the other still holds
+    assert [h.count for h in (await backend.inspect(NS, "s-shared")).holders] == [2]
+    assert await backend.release(NS, "s-shared", "job", grant.token, session=theirs) == 1
+    # The count left was the gone client's, and no lease keeps it any more.
+    assert (await backend.inspect(NS, "s-shared")).holders == ()
 
 
 async def test_bad_session_input_is_refused_and_changes_nothing(backend: lockd.Backend) -> None:

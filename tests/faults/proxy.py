@@ -385,6 +385,19 @@ class FaultyBackend(Backend):
     ) -> Grant:
         return await self._through(lambda s: s.extend(namespace, name, owner, token, ttl))
 
+    async def _release_in_session(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str,
+    ) -> int:
+        return await self._through(
+            lambda s: s.release(namespace, name, owner, token, request_id, session)
+        )
+
     async def _extend_in_session(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
     ) -> Grant:

@@ -120,8 +120,9 @@ class Backend(abc.ABC):
 
         Raises AcquireTimeout when not granted in time. Reentrant for the same owner.
         Cancelling the call leaves the queue, and gives back a grant made meanwhile.
-        With ``session`` (whose ttl ``ttl`` must be) the hold and the wait live by that
-        session, and end with it; else the hold has a lease of its own of ``ttl``.
+        With ``session`` (whose ttl ``ttl`` must be) the wait lives by that session, and
+        the session keeps the hold (ending with it unless another lease keeps the hold);
+        else the hold has a lease of its own of ``ttl``.
         """
         return await self._acquire(
             AcquireRequest(
@@ -143,15 +144,19 @@ class Backend(abc.ABC):
         owner: str,
         token: int | None,
         request_id: str | None = None,
+        session: str | None = None,
     ) -> int:
-        """Drop one count of the owner's hold; returns the count left (0: released)."""
-        return await self._release(
-            check_namespace(namespace),
-            check_name(name),
-            check_owner(owner),
-            _check_token(token),
-            check_request_id(request_id),
-        )
+        """Drop one count of the owner's hold; returns the count left (0: released).
+
+        With ``session``, that session also stops keeping the hold (the caller has no
+        count left in it); the hold ends when no count, or no live lease, is left.
+        """
+        args = (check_namespace(namespace), check_name(name), check_owner(owner),
+                _check_token(token), check_request_id(request_id))  # fmt: skip
+        sid = self._check_session(session)
+        if sid is None:
+            return await self._release(*args)
+        return await self._release_in_session(*args, sid)
 
     async def abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
         """Undo the acquire ``request_id`` whose caller has gone, whatever it reached.
@@ -175,7 +180,9 @@ class Backend(abc.ABC):
         session: str | None = None,
     ) -> Grant:
         """Make the owner's hold last ``ttl`` seconds from now, by a lease of its own, or
-        move it to ``session`` (whose ttl ``ttl`` must be)."""
+        add ``session`` (whose ttl ``ttl`` must be) to the leases that keep it.
+
+        A hold lasts until the last of its leases ends: its own and its sessions."""
         args = (check_namespace(namespace), check_name(name), check_owner(owner),
                 _check_token(token), check_ttl(ttl))  # fmt: skip
         sid = self._check_session(session)
@@ -274,6 +281,17 @@ class Backend(abc.ABC):
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant: ...
+
+    async def _release_in_session(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str,
+    ) -> int:
+        raise NotImplementedError
 
     async def _extend_in_session(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from lockd._core import RETENTION, Changes, Hold, Key, Lease, NameRecord, RequestKey
+from lockd._core import RETENTION, Changes, Hold, Key, Lease, NameRecord, RequestKey, Session
 from lockd.backends.memory import Clock, LocalBackend
 from lockd.errors import BackendUnavailable, InvalidRequest, StoreBusy
 from lockd.model import Capabilities, SafetyLevel
@@ -71,7 +71,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS holds (
     namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
     token INTEGER NOT NULL, count INTEGER NOT NULL, ttl REAL NOT NULL,
-    lim INTEGER NOT NULL, acquired_at REAL NOT NULL, session TEXT,
+    lim INTEGER NOT NULL, acquired_at REAL NOT NULL, sessions TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (namespace, name, owner)
 );
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, ttl REAL NOT NULL);
@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS request_log (
 # key index); the restore reads it in order, so a later row for a request id wins. Its
 # rowids rise by one per row (its last row is never cut), so the loop knows each row's.
 KEPT_REQUESTS = 100_000
+NO_OWN_LEASE = 0.0
+"""The ``ttl`` of a hold kept by its sessions alone (a real ttl is at least MIN_TTL)."""
 SYNC_MODES = ("full", "normal")
 OnDurable = Callable[[BackendUnavailable | None], None]
 
@@ -233,14 +235,9 @@ class FileBackend(LocalBackend):
             )
         }
         holds: list[tuple[Key, Hold]] = [
-            (
-                (ns, name),
-                Hold(
-                    (ns, name), owner, token, count, Lease(ttl, 0.0, session), lim, 0.0, acquired_at
-                ),
-            )
-            for ns, name, owner, token, count, ttl, lim, acquired_at, session in db.execute(
-                "SELECT namespace, name, owner, token, count, ttl, lim, acquired_at, session"
+            ((ns, name), _hold((ns, name), owner, token, count, ttl, lim, acquired_at, ids))
+            for ns, name, owner, token, count, ttl, lim, acquired_at, ids in db.execute(
+                "SELECT namespace, name, owner, token, count, ttl, lim, acquired_at, sessions"
                 " FROM holds"
             )
         ]
@@ -387,7 +384,8 @@ class FileBackend(LocalBackend):
             if changes.last_token is not None:
                 counter = changes.last_token
         gone = [key for key, hold in holds.items() if hold is None]
-        kept = [(*key, h.token, h.count, h.ttl, h.limit, h.acquired_at, h.session)
+        kept = [(*key, h.token, h.count, NO_OWN_LEASE if h.own is None else h.own.ttl, h.limit,
+                 h.acquired_at, _json([session.id for session in h.sessions]))
                 for key, h in holds.items() if h is not None]  # fmt: skip
         named = [(*key, r.last_token, _json(list(r.revoked)), _json(list(r.evicted)))
                  for key, r in names.items() if r is not None]  # fmt: skip
@@ -395,7 +393,8 @@ class FileBackend(LocalBackend):
         requests = [(*key, value) for changes in batch for key, value in changes.requests]
         writes: list[tuple[str, list[tuple[Any, ...]]]] = [
             ("DELETE FROM holds WHERE namespace = ? AND name = ? AND owner = ?", gone),
-            ("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", kept),
+            ("INSERT OR REPLACE INTO holds (namespace, name, owner, token, count, ttl, lim,"
+             " acquired_at, sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", kept),
             ("INSERT OR REPLACE INTO sessions VALUES (?, ?)",
              [(i, ttl) for i, ttl in sessions.items() if ttl is not None]),
             ("DELETE FROM sessions WHERE id = ?",
@@ -460,6 +459,23 @@ def _json(items: list[Any]) -> str:
     return json.dumps(items) if items else "[]"
 
 
+def _hold(
+    key: Key,
+    owner: str,
+    token: int,
+    count: int,
+    ttl: float,
+    lim: int,
+    acquired_at: float,
+    ids: str,
+) -> Hold:
+    """A hold as read back: its own lease's ttl and its sessions' ids (the restore gives
+    them their expiry)."""
+    own = None if ttl == NO_OWN_LEASE else Lease(ttl, 0.0)
+    sessions = tuple(Session(0.0, 0.0, str(i)) for i in json.loads(ids))
+    return Hold(key, owner, token, count, own, sessions, lim, 0.0, acquired_at)
+
+
 def _carry_over(db: sqlite3.Connection) -> None:
     """Bring a store written by an earlier layout up to this one."""
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone():
@@ -477,9 +493,9 @@ def _carry_over(db: sqlite3.Connection) -> None:
             " ALTER TABLE names ADD COLUMN evicted TEXT NOT NULL DEFAULT '[]';"
             " DROP TABLE IF EXISTS revoked; COMMIT;"
         )
-    if "session" not in {row[1] for row in db.execute("PRAGMA table_info(holds)")}:
+    if "sessions" not in {row[1] for row in db.execute("PRAGMA table_info(holds)")}:
         # Before sessions: every hold had its own lease.
-        db.execute("ALTER TABLE holds ADD COLUMN session TEXT")
+        db.execute("ALTER TABLE holds ADD COLUMN sessions TEXT NOT NULL DEFAULT '[]'")
     if db.execute("SELECT 1 FROM counter").fetchone() is None:
         # Before the counter row: the counter was the highest token any name got.
         db.execute(

@@ -145,7 +145,21 @@ class HttpBackend(Backend):
     async def _release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
     ) -> int:
-        body = {"owner": owner, "token": token, "request_id": request_id or uuid.uuid4().hex}
+        return await self._release_in_session(namespace, name, owner, token, request_id, None)
+
+    async def _release_in_session(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str | None,
+    ) -> int:
+        body: dict[str, Any] = {"owner": owner, "token": token,
+                                "request_id": request_id or uuid.uuid4().hex}  # fmt: skip
+        if session is not None:
+            body["session"] = session
         data = await self._call("POST", f"/v1/locks/{_path(name)}/release", namespace, json=body,
                                 name=name, owner=owner, token=token)  # fmt: skip
         return int(data["count"])

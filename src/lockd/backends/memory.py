@@ -118,10 +118,22 @@ class LocalBackend(Backend):
     async def _release(
         self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
     ) -> int:
+        return await self._release_in_session(namespace, name, owner, token, request_id, None)
+
+    async def _release_in_session(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str | None,
+    ) -> int:
         self._check()
         key = (namespace, name)
         return await self._durably(
-            key, lambda: self._table.release(key, owner, token, self._clock(), request_id)
+            key,
+            lambda: self._table.release(key, owner, token, self._clock(), request_id, session),
         )
 
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
@@ -139,14 +151,16 @@ class LocalBackend(Backend):
     async def _extend(
         self, namespace: str, name: str, owner: str, token: int | None, ttl: float
     ) -> Grant:
-        self._check()
-        key = (namespace, name)
-        return await self._durably(
-            key, lambda: (self._table.extend(key, owner, token, ttl, self._clock()), [])
-        )
+        return await self._extend_in_session(namespace, name, owner, token, ttl, None)
 
     async def _extend_in_session(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        session: str | None,
     ) -> Grant:
         self._check()
         key = (namespace, name)

@@ -123,8 +123,9 @@ class AcquireBody(_Body):
     request_id: str | None = Field(None, description="Retries with the same id apply once.")
     session: str | None = Field(
         None,
-        description="A session (POST /v1/sessions) of this ttl that the hold, and the wait, "
-        "live by; omitted: the hold has a lease of its own of ttl.",
+        description="A session (POST /v1/sessions) of this ttl: the wait lives by it, and it "
+        "keeps the hold (which lasts while any of its leases does); omitted: the hold has "
+        "a lease of its own of ttl.",
     )
     wait_total: float | None = Field(
         None,
@@ -143,6 +144,9 @@ class ReleaseBody(_Body):
     owner: str
     token: int | None = Field(None, description="The grant's token; checked when given.")
     request_id: str | None = None
+    session: str | None = Field(
+        None, description="This session stops keeping the hold (no count left in it)."
+    )
 
 
 class AbandonBody(_Body):
@@ -159,7 +163,9 @@ class ExtendBody(_Body):
     ttl: float
     token: int | None = None
     session: str | None = Field(
-        None, description="Move the hold to this session (of this ttl) instead."
+        None,
+        description="Add this session (of this ttl) to the leases that keep the hold, "
+        "instead of setting the hold's own lease.",
     )
 
 
@@ -261,7 +267,9 @@ async def release(
 ) -> JSONResponse:
     """Only the holder may release; 409 otherwise."""
     backend = _backend(request)
-    left = await backend.release(namespace, name, body.owner, body.token, body.request_id)
+    left = await backend.release(
+        namespace, name, body.owner, body.token, body.request_id, body.session
+    )
     return JSONResponse({"name": name, "owner": body.owner, "count": left, "released": left == 0})
 
 
