@@ -114,7 +114,8 @@ def test_namespaces_are_separate(store_url: str) -> None:
 
 async def test_backend_inspect_and_list(backend: lockd.Backend) -> None:
     grant = await backend.acquire(NS, "pool", "a", ttl=5, wait=0, limit=2)
-    await backend.acquire(NS, "pool", "b", ttl=0.2, wait=0, limit=2)
+    # b's ttl outlasts queueing c and the reads below, even on five slow RedLock nodes.
+    await backend.acquire(NS, "pool", "b", ttl=1.0, wait=0, limit=2)
     waiter = asyncio.create_task(backend.acquire(NS, "pool", "c", ttl=5, wait=5, limit=2))
     await bqueued(backend, "pool", 1)
     info = await backend.inspect(NS, "pool")

@@ -27,7 +27,8 @@ import redis
 from lockd import errors
 from lockd._core import LockTable, Waiter
 from lockd.backends import redis_lua
-from lockd.backends.redis import WAKE_PREFIX, _keys
+from lockd.backends.redis import WAKE_PREFIX
+from lockd.backends.redis_calls import name_keys
 from tests.redisproc import RedisProcess, running_redis
 
 NS = "default"
@@ -68,7 +69,7 @@ class Scripts:
         self.offset_ms = 0
 
     def run(self, script: str, name: str, *args: Any) -> list[Any]:
-        keys = _keys(NS, name)
+        keys = name_keys(NS, name)
         shared = (WAKE_PREFIX, 600_000, "clock", self.offset_ms)
         return list(self.client.evalsha(self.sha[script], len(keys), *keys, *shared, *args))
 

@@ -17,7 +17,8 @@ import pytest
 import lockd
 from lockd._runtime import runtime
 from lockd.backends.base import AcquireRequest
-from lockd.backends.redis import RedisBackend, _RedisDirect
+from lockd.backends.redis import RedisBackend
+from lockd.backends.redis_direct import RedisDirect
 from tests.interrupts import ctrl_c_after, io_loop_blocked
 from tests.redisproc import RedisProcess, running_redis
 
@@ -156,7 +157,7 @@ def test_direct_paths_replace_dropped_connections_without_end(client: lockd.Clie
     backend = client._session.backend
     assert isinstance(backend, RedisBackend)
     direct, connections = backend.direct, backend._connections
-    assert isinstance(direct, _RedisDirect) and connections is not None
+    assert isinstance(direct, RedisDirect) and connections is not None
 
     async def through_the_loop() -> None:
         await backend.acquire("default", "replaced", "me", ttl=5, wait=0)

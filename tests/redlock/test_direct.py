@@ -20,6 +20,7 @@ import pytest
 import lockd
 from lockd._runtime import runtime
 from lockd.backends import redis as redis_backend
+from lockd.backends import redis_wait
 from lockd.backends.base import AcquireRequest
 from lockd.backends.redis import RedisBackend
 from lockd.backends.redlock import RedlockBackend
@@ -208,7 +209,7 @@ def test_a_wake_up_for_an_attempt_forgotten_meanwhile_leaves_nothing_behind(
     attempt (its direct acquire ended): the grant must not be kept for nobody."""
     node = RedisBackend("redis://127.0.0.1:1/0")  # its wake-up tables only: never opened
     node.watch("inbox.1", asyncio.Event())
-    parse = redis_backend._delivered_grant
+    parse = redis_wait.delivered_grant
 
     def forgotten_while_parsing(item: str) -> list[Any] | None:
         caller = threading.Thread(target=node.forget_attempt, args=("inbox.1",))
@@ -217,6 +218,6 @@ def test_a_wake_up_for_an_attempt_forgotten_meanwhile_leaves_nothing_behind(
         assert not caller.is_alive(), "the reader kept the tables while parsing"
         return parse(item)
 
-    monkeypatch.setattr(redis_backend, "_delivered_grant", forgotten_while_parsing)
+    monkeypatch.setattr(redis_backend, "delivered_grant", forgotten_while_parsing)
     node._wake_up("inbox.1=5,1,1000,10")
     assert (node._wake, node._delivered) == ({}, {})

@@ -64,7 +64,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from lockd.backends import redact_url
-from lockd.backends import redis as redis_backend
 from lockd.backends.base import (
     AcquireRequest,
     Backend,
@@ -72,7 +71,10 @@ from lockd.backends.base import (
     DirectPath,
     undo_on_cancel,
 )
-from lockd.backends.redis import RedisBackend, _holder, _not_held, _RedisDirect
+from lockd.backends.redis import RETENTION, RedisBackend
+from lockd.backends.redis_calls import holder_info, not_held
+from lockd.backends.redis_direct import RedisDirect
+from lockd.backends.redis_wait import CHECK_IN, WAITER_LEASE
 from lockd.errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -97,7 +99,7 @@ SPLIT_RECHECK = (0.002, 0.02)
 """Bounds of the random pause before a suspected split is looked at again."""
 DELIVERY_GRACE = 0.002
 """Seconds a waiter that got some nodes' grants by message waits for the rest's."""
-WAITER_LEASE_MS = round(redis_backend.WAITER_LEASE * 1000)
+WAITER_LEASE_MS = round(WAITER_LEASE * 1000)
 MAX_REMEMBERED = 4096
 """Request ids whose attempts (rounds) this process remembers, for abandon and retries."""
 
@@ -174,9 +176,7 @@ class RedlockBackend(Backend):
         shared_across_processes=True,
     )
 
-    def __init__(
-        self, url: str, node_urls: list[str], retention: float = redis_backend.RETENTION
-    ) -> None:
+    def __init__(self, url: str, node_urls: list[str], retention: float = RETENTION) -> None:
         """``retention``: seconds an idle name's records are kept on each node."""
         self.url = url
         inbox = uuid.uuid4().hex  # one inbox on every node: one attempt id serves them all
@@ -200,7 +200,7 @@ class RedlockBackend(Backend):
         """Connect to every node; a majority must answer."""
         replies = await self._fan(lambda i: self._nodes[i].open(), 5.0)
         self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "open")
-        directs = [n.direct for n in self._nodes if isinstance(n.direct, _RedisDirect)]
+        directs = [n.direct for n in self._nodes if isinstance(n.direct, RedisDirect)]
         if len(directs) == len(self._nodes):
             self.direct = _RedlockDirect(self, directs)
 
@@ -386,7 +386,7 @@ class RedlockBackend(Backend):
         """Wait for a wake-up, the bounded re-check, the earliest holder expiry, the end of
         the wait, or the moment the nodes we already hold need extending."""
         now = time.monotonic()
-        pause = redis_backend.CHECK_IN
+        pause = CHECK_IN
         if rnd.next_expiry is not None:
             pause = min(pause, rnd.next_expiry - now + 0.002)
         if rnd.grants:
@@ -661,7 +661,7 @@ class RedlockBackend(Backend):
         # one node ('not_yours': the token is another owner's live hold there).
         for status in ("not_yours", "revoked", "lost", "not_held"):
             if status in statuses:
-                return _not_held(status, name, owner, token)
+                return not_held(status, name, owner, token)
         return LockLost(f"the hold of {name!r} is on too few nodes", name=name, owner=owner,
                         token=token)  # fmt: skip
 
@@ -680,7 +680,7 @@ class RedlockBackend(Backend):
         rows: dict[str, list[HolderInfo]] = {}
         for reply in answered:
             for row in reply[3]:
-                holder = _holder(row)
+                holder = holder_info(row)
                 rows.setdefault(holder.owner, []).append(holder)
         need = max(1, quorum(len(self._nodes), limit) - missing)
         holders = []
@@ -735,7 +735,7 @@ class RedlockBackend(Backend):
         evicted: dict[str, HolderInfo] = {}
         for reply in answered:
             for row in reply[1]:
-                holder = _holder(row)
+                holder = holder_info(row)
                 known = evicted.get(holder.owner)
                 if known is None or holder.token > known.token:
                     evicted[holder.owner] = holder
@@ -782,7 +782,7 @@ def _settled(
 
 class _RedlockDirect(DirectPath):
     """Acquire and release from a sync caller's thread, on each node's blocking
-    connections (``_RedisDirect``).
+    connections (``RedisDirect``).
 
     A request goes to every node before any reply is read, so the nodes work in
     parallel, and every read is bounded by one deadline (:func:`node_timeout`). An
@@ -793,7 +793,7 @@ class _RedlockDirect(DirectPath):
     subscription is not confirmed, before anything is sent.
     """
 
-    def __init__(self, backend: RedlockBackend, nodes: list[_RedisDirect]) -> None:
+    def __init__(self, backend: RedlockBackend, nodes: list[RedisDirect]) -> None:
         from redis.exceptions import NoScriptError
 
         self._backend = backend
@@ -853,7 +853,7 @@ class _RedlockDirect(DirectPath):
         node's answer (a paused node's, up to the deadline), which must not hold back the
         others' requests."""
         deadline = time.monotonic() + within
-        command = self._backend._nodes[0]._evalsha(script, namespace, name, args)
+        command = self._backend._nodes[0].evalsha(script, namespace, name, args)
         replies: dict[int, list[Any] | _Down] = {}
         sent: dict[int, Any] = {}
         order = sorted(range(len(self._nodes)), key=lambda i: not self._nodes[i].has_idle())
