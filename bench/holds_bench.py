@@ -64,7 +64,7 @@ import uvloop
 from common import Json, Sample, fmt, git, latency_summary, wait_for_quiet, write_reports
 from http_bench import RawConnection, fs_type, machine_info, running_server
 
-from lockd._session import RENEW_FRACTION
+from lockd._lease import RENEW_FRACTION
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

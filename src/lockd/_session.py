@@ -1,11 +1,10 @@
 """A client's holds and their watchdog. Everything here runs on the I/O loop.
 
 Theory of operation. Each (name, owner) this client holds has one :class:`HoldState`:
-its token, reentrant count, state and a *local deadline*: the latest moment, on this
-process's ``time.monotonic()``, by which the store is sure to still count the hold.
-The deadline is measured from before the request that set it was sent (plus the time
-the store says the request waited in its queue), less a drift margin, so the SDK never
-believes in a hold the store has already dropped. No wall clock is used.
+its token, reentrant count, and its lease as a :class:`~lockd._lease.LeaseState` (the
+local deadline, the renewal schedule and the state, decided without I/O; a grant's
+anchor also counts the time the store says the request waited in its queue). This
+module only drives it: it sends the requests, arms the timers, and tells the listeners.
 
 The watchdog renews at about ttl/3: a timer until then, and a task only while a renewal
 is in flight, so a short hold costs one timer set and cancelled. A failed renewal moves
@@ -31,6 +30,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lockd._lease import (
+    DRIFT,
+    LOSSES,
+    RETRY_FIRST,
+    RETRY_MAX,
+    LeaseState,
+)
 from lockd._runtime import Call, Runtime, quietly
 from lockd.backends import Backend
 from lockd.backends.base import AcquireRequest, ContinueOnLoop
@@ -49,22 +55,9 @@ __all__ = ["HoldState", "Session"]
 
 log = logging.getLogger("lockd")
 
-RENEW_FRACTION = 1 / 3
-"""Renew when this fraction of the ttl has passed."""
-DRIFT = 0.01
-"""Fraction of a duration by which the store's clock may run differently from ours."""
 ADOPT_FRACTION = 1 / 6
 """Holds granted in a caller's thread get their renewal timer within this fraction of
 their ttl (well before a renewal is due at RENEW_FRACTION)."""
-RETRY_FIRST = 0.05
-RETRY_MAX = 1.0
-SLOW_FRACTION = 1 / 4
-SLOW_MAX = 1.5
-"""A renewal not answered within ``min(ttl * SLOW_FRACTION, SLOW_MAX)`` seconds turns the
-hold ``at_risk``: above RedLock's per-node timeout (ttl/5, at most 1 s), which a healthy
-quorum with one node down can take."""
-ATTEMPT_FRACTION = 1 / 3
-"""A renewal attempt not answered within this fraction of the ttl is sent again."""
 
 T = TypeVar("T")
 Listener = Callable[["HoldState"], None]
@@ -84,8 +77,6 @@ class Want:
     listener: Listener | None
 
 
-_ENDED = (LockState.LOST, LockState.REVOKED, LockState.RELEASED)
-_LOSSES = (LockState.LOST, LockState.REVOKED)
 _lost_guard = threading.Lock()  # a hold's state against the creation of its ``lost`` event
 
 
@@ -109,24 +100,21 @@ _request_id = _RequestIds()
 os.register_at_fork(after_in_child=_request_id.renew)
 
 
-class HoldState:
+class HoldState(LeaseState):
     """The SDK's view of one owner's hold on one name (readable from any thread)."""
 
     def __init__(self, name: str, owner: str, ttl: float, grant: Grant, anchor: float) -> None:
+        super().__init__(ttl, anchor, grant.ttl)
         self.name = name
         self.owner = owner
-        self.ttl = ttl
         self.token = grant.token
         self.count = 1
         """This session's acquires of the store's hold not yet released (an owner shared
         with another client may have more there, which that client gives back)."""
         self.undrained = 0
         """Counts given up here that may still be at the store (see ``Session._drain``)."""
-        self.state = LockState.HELD
-        self.reason = ""
         self._lost: threading.Event | None = None
         self.listeners: list[Listener] = []
-        self.renew = True
         self.timer: asyncio.TimerHandle | None = None
         """Starts the next renewal (or, with renewal off, the ttl check)."""
         self.renewer: asyncio.Task[None] | None = None
@@ -135,42 +123,6 @@ class HoldState:
         """A release is on its way from a caller's thread: start no renewal."""
         self.reported = False
         """The end of this hold was raised to the caller once (the next acquire starts afresh)."""
-        self.deadline = 0.0
-        self.renew_at = 0.0
-        self.anchor = -math.inf
-        """When the request whose answer set the lease was sent (at the earliest)."""
-        self.lease(anchor, grant.ttl)
-
-    def lease(self, anchor: float, ttl_left: float) -> None:
-        """Record that the store's lease runs ``ttl_left`` seconds from ``anchor`` (a moment
-        before the request that got this answer was sent): the deadline follows the answer
-        to the latest request sent, longer or shorter."""
-        deadline = anchor + ttl_left * (1 - DRIFT)
-        # A lease shorter than the ttl (a renewal sent before a longer re-entry, applied
-        # after it) is renewed in time for its own end.
-        renew_at = anchor + min(self.ttl, ttl_left) * RENEW_FRACTION
-        if anchor < self.anchor:
-            # The answer to a request sent before the one the lease came from: the store
-            # may have applied that later request after this one (a renewal with a shorter
-            # ttl after a re-entry), so this answer may only shorten the lease.
-            self.deadline = min(self.deadline, deadline)
-            self.renew_at = min(self.renew_at, renew_at)
-            return
-        self.anchor, self.deadline, self.renew_at = anchor, deadline, renew_at
-
-    def unheard(self, sent: float, ttl: float) -> None:
-        """An extend to ``ttl`` sent at ``sent`` went unanswered: the store may have
-        applied it, so the deadline (and the next renewal) may only come sooner."""
-        self.deadline = min(self.deadline, sent + ttl * (1 - DRIFT))
-        self.renew_at = min(self.renew_at, sent + ttl * RENEW_FRACTION)
-
-    def state_at(self, now: float) -> LockState:
-        """The state as of ``now``: a live hold whose deadline has passed reads ``lost``
-        even before the watchdog has noticed (after a pause of this process, say)."""
-        state = self.state
-        if state not in _ENDED and now >= self.deadline:
-            return LockState.LOST
-        return state
 
     @property
     def lost(self) -> threading.Event:
@@ -178,29 +130,25 @@ class HoldState:
         with _lost_guard:
             if self._lost is None:
                 self._lost = threading.Event()
-                if self.state in _LOSSES:
+                if self.state in LOSSES:
                     self._lost.set()
             return self._lost
 
-    def lose(self, state: LockState, reason: str) -> None:
-        """Record that the hold was lost or revoked, and set ``lost``."""
-        self.reason = reason
+    def end(self, state: LockState, reason: str) -> bool:
+        """End the hold (see LeaseState.end); a loss also sets ``lost``."""
         with _lost_guard:
-            self.state = state
+            if not super().end(state, reason):
+                return False
             lost = self._lost
-        if lost is not None:
+        if lost is not None and state in LOSSES:
             lost.set()
+        return True
 
     def disarm(self) -> None:
         """Cancel the timer of the next renewal (or ttl check), if set."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-    @property
-    def ended(self) -> bool:
-        """True once lost, revoked or released."""
-        return self.state in _ENDED
 
     def error(self) -> NotHeld:
         """The error an operation on an ended hold raises."""
@@ -473,8 +421,7 @@ class Session:
             known = self._holds.get(key)
             if known is not None and known.token == grant.token and not known.ended:
                 known.count += 1
-                known.ttl = max(known.ttl, want.ttl)  # renewal keeps the longest nested ttl
-                known.lease(anchor, grant.ttl)
+                known.reentered(want.ttl, anchor, grant.ttl)
                 hold = known
             else:
                 hold = HoldState(grant.name, grant.owner, want.ttl, grant, anchor)
@@ -573,7 +520,7 @@ class Session:
         hold.count = max(0, min(hold.count - 1, outcome))  # the store's count may hold others'
         hold.releasing = False
         if hold.count == 0:
-            hold.state = LockState.RELEASED
+            hold.end(LockState.RELEASED, "released")
             self._forget(hold)
             if hold.timer is not None:
                 self._on_loop(hold.disarm)
@@ -609,9 +556,7 @@ class Session:
                 self._watch(hold)  # renewal goes on with the hold's ttl
             raise
         if hold is not None and not hold.ended:  # released meanwhile: it stays so
-            hold.ttl = ttl
-            hold.lease(sent, grant.ttl)
-            hold.state = LockState.HELD
+            hold.extended(sent, ttl, grant.ttl)
             self._watch(hold)
         return hold
 
@@ -645,7 +590,7 @@ class Session:
                     log.warning("could not release %r on %s at close: %s",
                                 hold.name, self.label, exc)  # fmt: skip
                     break
-            hold.state = LockState.RELEASED
+            hold.end(LockState.RELEASED, "released at close")
             self._forget(hold)
 
     # --- the watchdog -----------------------------------------------------------------
@@ -662,8 +607,7 @@ class Session:
             return
         if hold.renewer is not None and not hold.renewer.done():
             return  # the renewal in flight sets the next timer
-        due = hold.renew_at if hold.renew else hold.deadline
-        delay = max(0.0, due - time.monotonic())
+        delay = max(0.0, hold.next_due() - time.monotonic())
         hold.timer = asyncio.get_running_loop().call_later(delay, self._due, hold)
 
     def _adopt(self, hold: HoldState) -> None:
@@ -733,11 +677,11 @@ class Session:
                 self._end(hold, LockState.LOST, "renewal kept failing until the lease ran out",
                           drain=True)  # fmt: skip
                 return
-            slow = loop.call_later(min(left, hold.ttl * SLOW_FRACTION, SLOW_MAX), self._at_risk,
-                                   hold, "renewal is not answered")  # fmt: skip
+            slow = loop.call_later(hold.slow_mark(sent), self._at_risk, hold,
+                                   "renewal is not answered")  # fmt: skip
             try:
                 # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
-                async with asyncio.timeout(min(left, hold.ttl * ATTEMPT_FRACTION)):
+                async with asyncio.timeout(hold.attempt_window(sent)):
                     grant = await self.backend.extend(
                         self.namespace, hold.name, hold.owner, hold.token, hold.ttl
                     )
@@ -749,20 +693,17 @@ class Session:
                 return
             except Exception as exc:  # any other failure is worth retrying until the deadline
                 self._at_risk(hold, f"renewal failed: {exc!r}")
-                await asyncio.sleep(min(backoff, max(0.0, hold.deadline - time.monotonic())))
-                backoff = min(backoff * 2, max(RETRY_FIRST, hold.ttl / 6), RETRY_MAX)
+                await asyncio.sleep(hold.retry_pause(backoff, time.monotonic()))
+                backoff = hold.next_backoff(backoff)
                 continue
             finally:
                 slow.cancel()
-            hold.lease(sent, grant.ttl)
-            if hold.state is LockState.AT_RISK:
+            if hold.renewed(sent, grant.ttl):
                 log.info("renewing %r on %s recovered", hold.name, self.label)
-                hold.state = LockState.HELD
             return
 
     def _at_risk(self, hold: HoldState, why: str) -> None:
-        if hold.state is LockState.HELD:
-            hold.state = LockState.AT_RISK
+        if hold.at_risk():
             log.warning("lock %r on %s is at risk, retrying: %s", hold.name, self.label, why)
 
     async def _stop_renewal(self, hold: HoldState) -> None:
@@ -780,9 +721,8 @@ class Session:
         also released at the store while it may still be there (the same owner's next
         acquire must never re-enter it).
         """
-        if hold.ended:
+        if not hold.end(state, reason):
             return
-        hold.lose(state, reason)
         log.warning("lock %r on %s (owner %s, token %d) %s: %s",
                     hold.name, self.label, hold.owner, hold.token, state.value, reason)  # fmt: skip
         if drain:

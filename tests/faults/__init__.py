@@ -14,7 +14,7 @@ import httpx
 
 import lockd
 from lockd import LockState
-from lockd._session import RENEW_FRACTION, SLOW_FRACTION, SLOW_MAX
+from lockd._lease import RENEW_FRACTION, SLOW_FRACTION, SLOW_MAX
 from tests.faults.proxy import Proxy, Switch
 from tests.serverproc import ServerProcess
 

@@ -16,7 +16,7 @@ import pytest
 
 import lockd
 from lockd import LockState
-from lockd._session import RENEW_FRACTION, SLOW_FRACTION
+from lockd._lease import RENEW_FRACTION, SLOW_FRACTION
 from tests.faults import SLACK, Outage, at_risk_bound, holder_of, wait_until
 
 pytestmark = pytest.mark.parametrize("outage", ["redis", "http", "redlock3"], indirect=True)
