@@ -11,10 +11,15 @@ import pytest
 
 from lockd._core import Hold, Key, LockTable, Outcome, Waiter
 from lockd.errors import InvalidRequest, LockLost, NotHeld, SessionLost
-from lockd.model import Grant
+from lockd.model import Grant, KeepaliveAnswer
 from tests.test_core import WALL, A, B, Table, holders
 
 C: Key = ("default", "c")
+
+
+def ttls(answers: list[KeepaliveAnswer | None]) -> list[float | None]:
+    """The ttl of each session a keepalive answered (None: ended)."""
+    return [None if answer is None else answer.ttl for answer in answers]
 
 
 def session_waiter(
@@ -48,7 +53,7 @@ def test_a_session_lease_is_shared_and_renewed_by_one_keepalive() -> None:
         assert table.acquire(key, "alice", 10.0, 1, 1.0, WALL, session_id="s") is not None
     # Every hold reads the session's lease, not a lease of its own from its grant.
     assert holders(table, C, 4.0) == [("alice", 3, 1, 6.0)]
-    assert table.keepalive(["s"], 8.0) == [10.0]
+    assert ttls(table.keepalive(["s"], 8.0)) == [10.0]
     assert [holders(table, key, 17.5)[0][3] for key in (A, B, C)] == [0.5, 0.5, 0.5]
     assert table.acquire(A, "bob", 1.0, 1, 17.9, WALL) is None  # still alice's
 
@@ -58,7 +63,7 @@ def test_opening_a_session_twice_under_one_id_is_refused() -> None:
     table.open_session("s", 10.0, 0.0)
     with pytest.raises(InvalidRequest, match="exists"):
         table.open_session("s", 5.0, 1.0)
-    assert table.keepalive(["s"], 2.0) == [10.0]  # the first is untouched
+    assert ttls(table.keepalive(["s"], 2.0)) == [10.0]  # the first is untouched
 
 
 def test_keepalive_answers_none_for_an_unknown_or_ended_session_and_never_revives_one() -> None:
@@ -66,9 +71,27 @@ def test_keepalive_answers_none_for_an_unknown_or_ended_session_and_never_revive
     table.open_session("s", 1.0, 0.0)
     table.open_session("t", 5.0, 0.0)
     assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL, session_id="s") is not None
-    assert table.keepalive(["s", "nope", "t"], 1.0) == [None, None, 5.0]  # s expired at 1.0
-    assert table.keepalive(["s"], 1.1) == [None]
+    assert ttls(table.keepalive(["s", "nope", "t"], 1.0)) == [None, None, 5.0]  # s expired at 1.0
+    assert ttls(table.keepalive(["s"], 1.1)) == [None]
     assert holders(table, A, 1.1) == []
+
+
+def test_a_keepalive_tells_each_session_of_its_holds_that_ended_otherwise() -> None:
+    table: Table = LockTable()
+    table.open_session("a", 10.0, 0.0)
+    table.open_session("b", 10.0, 0.0)
+    for sid in ("a", "b"):
+        assert table.acquire(A, "job", 10.0, 1, 0.0, WALL, session_id=sid) is not None
+    assert table.acquire(B, "me", 10.0, 1, 0.0, WALL, session_id="a") is not None
+    assert table.acquire(C, "me", 10.0, 1, 0.0, WALL, session_id="a") is not None
+    table.force_release(B, None, 1.0)
+    assert table.release(C, "me", 3, 1.0, session_id="a")[0] == 0  # a's own: not told
+    assert table.release(A, "job", 1, 1.0, session_id="a")[0] == 1
+    assert table.release(A, "job", 1, 1.0)[0] == 0  # the last count, not naming b
+    answers = table.keepalive(["a", "b"], 2.0)
+    told = [[(e.name, e.token, e.reason) for e in a.ended] for a in answers if a is not None]
+    assert told == [[("b", 2, "revoked")], [("a", 1, "released")]]
+    assert [a.ended for a in table.keepalive(["a", "b"], 3.0) if a is not None] == [(), ()]
 
 
 # --- the end of a session ---------------------------------------------------------------------
@@ -164,7 +187,7 @@ def test_a_hold_lasts_while_any_of_its_leases_does() -> None:
     assert table.acquire(A, "alice", 2.0, 1, 0.0, WALL) is not None  # to 2: not shorter
     assert holders(table, A, 0.0) == [("alice", 1, 3, 5.0)]
     assert table.acquire(A, "alice", 30.0, 1, 1.0, WALL, session_id="long") is not None
-    assert table.keepalive(["long"], 20.0) == [30.0]
+    assert ttls(table.keepalive(["long"], 20.0)) == [30.0]
     assert holders(table, A, 20.0) == [("alice", 1, 4, 30.0)]  # by "long", past the rest
     table.revoke_session("long", 21.0)
     assert holders(table, A, 21.0) == []  # its last lease ended
@@ -178,7 +201,7 @@ def test_a_shared_owner_is_held_while_either_client_keeps_its_session() -> None:
     table.open_session("b", 10.0, 0.0)
     assert table.acquire(A, "job", 10.0, 1, 0.0, WALL, session_id="a") is not None
     assert table.acquire(A, "job", 10.0, 1, 0.0, WALL, session_id="b") is not None
-    assert table.keepalive(["a"], 8.0) == [10.0]  # "b" is not kept: it ends at 10
+    assert ttls(table.keepalive(["a"], 8.0)) == [10.0]  # "b" is not kept: it ends at 10
     assert table.expire(12.0) == []
     assert holders(table, A, 12.0) == [("job", 1, 2, 6.0)]  # kept by "a"
     assert table.release(A, "job", 1, 13.0, session_id="a")[0] == 1
@@ -202,7 +225,7 @@ def test_extend_adds_a_session_or_sets_the_own_lease() -> None:
     table.open_session("s", 2.0, 0.0)
     assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL) is not None
     assert table.extend(A, "alice", 1, 2.0, 0.5, session_id="s").ttl == 1.5
-    assert table.keepalive(["s"], 1.5) == [2.0]
+    assert ttls(table.keepalive(["s"], 1.5)) == [2.0]
     assert holders(table, A, 3.0) == [("alice", 1, 1, 0.5)]  # by the session, past its own
     assert table.extend(A, "alice", 1, 10.0, 3.0).ttl == 10.0  # its own lease, to 13
     assert table.expire(4.0) == []  # the session ends at 3.5 ...
@@ -223,7 +246,7 @@ def test_a_queued_grant_lives_by_the_waiters_session() -> None:
     table.open_session("s", 4.0, 0.0)
     assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL) is not None
     session_waiter(table, A, "bob", "s", 4.0, 0.0)
-    assert table.keepalive(["s"], 3.0) == [4.0]
+    assert ttls(table.keepalive(["s"], 3.0)) == [4.0]
     assert granted(table.expire(3.0, A)) == [("bob", 2)]
     assert holders(table, A, 3.0) == [("bob", 2, 1, 4.0)]
     handoffs = table.revoke_session("s", 3.5)
@@ -259,7 +282,7 @@ def test_sessions_are_noted_for_the_writer_and_a_keepalive_writes_nothing() -> N
     hold = changes.holds[(*A, "alice")]
     assert hold is not None
     assert (hold.own, [s.id for s in hold.sessions]) == (None, ["s"])
-    table.keepalive(["s"], 5.0)
+    ttls(table.keepalive(["s"], 5.0))
     assert not table.take_changes()
     table.revoke_session("s", 6.0)
     changes = table.take_changes()
@@ -285,7 +308,7 @@ def test_restore_gives_each_lease_its_full_ttl_and_the_holds_rejoin_their_sessio
     assert holders(restored, A, 100.0) == [("alice", 1, 1, 10.0)]
     assert holders(restored, B, 100.0) == []  # kept by "gone" alone: ended with it
     assert holders(restored, C, 100.0) == [("alice", 3, 2, 3.0)]  # by its own lease
-    assert restored.keepalive(["s"], 105.0) == [10.0]
+    assert ttls(restored.keepalive(["s"], 105.0)) == [10.0]
     assert holders(restored, A, 114.0) == [("alice", 1, 1, 1.0)]  # renewed with its session
     restored.revoke_session("s", 114.0)
     assert holders(restored, A, 114.0) == []

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -77,7 +77,15 @@ from lockd.errors import (
     Revoked,
     SessionLost,
 )
-from lockd.model import Grant, HolderInfo, ResourceInfo, WaiterInfo
+from lockd.model import (
+    MAX_ENDED_REPORTS,
+    EndedHold,
+    Grant,
+    HolderInfo,
+    KeepaliveAnswer,
+    ResourceInfo,
+    WaiterInfo,
+)
 
 __all__ = [
     "RETENTION",
@@ -124,6 +132,8 @@ class Session(Lease):
     id: str = ""
     holds: set[Hold] = field(default_factory=set)
     waiters: set[Waiter[Any]] = field(default_factory=set)
+    ended: deque[EndedHold] = field(default_factory=lambda: deque(maxlen=MAX_ENDED_REPORTS))
+    """Holds it kept that ended otherwise than with it, for its next keepalive to report."""
 
 
 @dataclass(slots=True, eq=False)
@@ -254,17 +264,19 @@ class LockTable(Generic[W]):
         self._dirty_sessions[session_id] = ttl
         return session
 
-    def keepalive(self, session_ids: list[str], now: float) -> list[float | None]:
-        """Renew each session for its ttl from ``now``; answers its ttl, or None when it
-        has ended (an expired one ends now, with all it had)."""
-        answers: list[float | None] = []
+    def keepalive(self, session_ids: list[str], now: float) -> list[KeepaliveAnswer | None]:
+        """Renew each session for its ttl from ``now``; answers its ttl and the holds it
+        kept that ended since (reported once), or None when it has ended (an expired
+        one ends now, with all it had)."""
+        answers: list[KeepaliveAnswer | None] = []
         for session_id in session_ids:
             session = self._live_session(session_id, now)
             if session is None:
                 answers.append(None)
                 continue
             session.expires = now + session.ttl
-            answers.append(session.ttl)
+            answers.append(KeepaliveAnswer(session.ttl, tuple(session.ended)))
+            session.ended.clear()
         return answers
 
     def revoke_session(self, session_id: str, now: float) -> list[tuple[Waiter[W], Outcome]]:
@@ -413,7 +425,7 @@ class LockTable(Generic[W]):
             if session.id == session_id:
                 self._detach(hold, session)
         if hold.count == 0 or hold.expires <= now:  # none left, or nothing keeps the rest
-            self._drop(res, hold)
+            self._drop(res, hold, "released")
         else:
             self._dirty_holds[(*key, owner)] = hold
         self._remember(("release", *key, owner, request_id or ""), hold.count, request_id)
@@ -451,7 +463,7 @@ class LockTable(Generic[W]):
         evicted = [h for h in res.holds.values() if owner is None or h.owner == owner]
         record = self._records.setdefault(key, NameRecord()) if evicted else None
         for hold in evicted:
-            self._drop(res, hold)
+            self._drop(res, hold, "revoked")
             assert record is not None
             _add_bounded(record.revoked, hold.token)
             _add_bounded(record.evicted, hold.owner)
@@ -736,11 +748,14 @@ class LockTable(Generic[W]):
         session.holds.discard(hold)
         self._dirty_holds[(*hold.key, hold.owner)] = hold
 
-    def _drop(self, res: _Resource[W], hold: Hold) -> None:
-        """Take ``hold`` out of its resource and its sessions."""
+    def _drop(self, res: _Resource[W], hold: Hold, why: str | None = None) -> None:
+        """Take ``hold`` out of its resource and its sessions; ``why`` it ended, when its
+        sessions are to hear of it (not at its expiry, nor at a session's end)."""
         del res.holds[hold.owner]
         for session in hold.sessions:
             session.holds.discard(hold)
+            if why is not None:
+                session.ended.append(EndedHold(*hold.key, hold.owner, hold.token, why))
         self._dirty_holds[(*hold.key, hold.owner)] = None
 
     def _unlist(self, waiter: Waiter[W]) -> None:

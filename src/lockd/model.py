@@ -26,8 +26,10 @@ __all__ = [
     "MIN_TTL",
     "Capabilities",
     "Duration",
+    "EndedHold",
     "Grant",
     "HolderInfo",
+    "KeepaliveAnswer",
     "LockState",
     "ResourceInfo",
     "SafetyLevel",
@@ -48,6 +50,9 @@ MAX_REQUEST_ID_BYTES = 128
 MAX_LIMIT = 100_000
 MAX_KEEPALIVE = 10_000
 """Most sessions one keepalive may renew."""
+MAX_ENDED_REPORTS = 10_000
+"""Most ended holds a session keeps to report (the newest); an older one is then found
+ended by its holder's next release or extend instead."""
 DEFAULT_NAMESPACE = "default"
 _NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -154,6 +159,28 @@ class WaiterInfo:
 
     owner: str
     waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndedHold:
+    """A hold a session kept that ended while the session lived (reported once, by the
+    session's next keepalive): ``revoked`` (force-released) or ``released`` (by a
+    release that did not name this session, such as another client's by the handle)."""
+
+    namespace: str
+    name: str
+    owner: str
+    token: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveAnswer:
+    """What a keepalive says of one live session: its ttl from now, and the holds it kept
+    that ended since its last keepalive (at most MAX_ENDED_REPORTS, the newest)."""
+
+    ttl: float
+    ended: tuple[EndedHold, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

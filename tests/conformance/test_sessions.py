@@ -12,10 +12,15 @@ import time
 import pytest
 
 import lockd
-from lockd.model import MAX_KEEPALIVE
+from lockd.model import MAX_KEEPALIVE, KeepaliveAnswer
 from tests.conformance.helpers import NS, SLACK, bqueued
 
 TTL = 0.5
+
+
+def ttls(answers: list[KeepaliveAnswer | None]) -> list[float | None]:
+    """The ttl of each session a keepalive answered (None: ended)."""
+    return [None if answer is None else answer.ttl for answer in answers]
 
 
 async def refuses_sessions(backend: lockd.Backend) -> bool:
@@ -41,7 +46,7 @@ async def test_one_keepalive_keeps_every_hold_of_its_session(backend: lockd.Back
         await backend.acquire(NS, name, "me", ttl=TTL, wait=0, session=sid)
     until = time.monotonic() + 3 * TTL
     while time.monotonic() < until:  # held well past the ttl by keepalives alone
-        assert await backend.keepalive([sid]) == [TTL]
+        assert ttls(await backend.keepalive([sid])) == [TTL]
         await asyncio.sleep(TTL / 3)
     for name in names:
         assert [h.owner for h in (await backend.inspect(NS, name)).holders] == ["me"]
@@ -49,7 +54,7 @@ async def test_one_keepalive_keeps_every_hold_of_its_session(backend: lockd.Back
     grants = [await backend.acquire(NS, name, "other", ttl=5, wait=TTL + SLACK) for name in names]
     assert time.monotonic() - started < TTL + SLACK  # all freed by the one lapse
     assert all(g.token > 0 for g in grants)
-    assert await backend.keepalive([sid]) == [None]  # ended, and not revived
+    assert ttls(await backend.keepalive([sid])) == [None]  # ended, and not revived
 
 
 async def test_a_revoked_session_frees_its_holds_and_ends_its_waiters(
@@ -75,6 +80,34 @@ async def test_a_revoked_session_frees_its_holds_and_ends_its_waiters(
     with pytest.raises(lockd.LockLost):  # released with its session, not revoked by an admin
         await backend.release(NS, "s-revoke", "me", held.token)
     await backend.revoke_session(sid)  # twice: nothing more
+
+
+async def test_a_keepalive_reports_once_the_holds_that_ended_while_it_lived(
+    backend: lockd.Backend,
+) -> None:
+    """A hold force-released, or released by another client's handle, is told to the
+    session that kept it by its next keepalive (so its holder hears without asking per
+    hold); a release naming the session is the holder's own, and is not told."""
+    if await refuses_sessions(backend):
+        return
+    sid = await backend.open_session(30)
+    grants = {
+        name: await backend.acquire(NS, name, "me", ttl=30, wait=0, session=sid)
+        for name in ("s-told-1", "s-told-2", "s-told-3")
+    }
+    await backend.force_release(NS, "s-told-1")
+    await backend.release(NS, "s-told-2", "me", grants["s-told-2"].token)  # by the handle
+    await backend.release(NS, "s-told-3", "me", grants["s-told-3"].token, session=sid)
+    (answer,) = await backend.keepalive([sid])
+    assert answer is not None
+    told = sorted((e.namespace, e.name, e.owner, e.token, e.reason) for e in answer.ended)
+    assert told == [
+        (NS, "s-told-1", "me", grants["s-told-1"].token, "revoked"),
+        (NS, "s-told-2", "me", grants["s-told-2"].token, "released"),
+    ]
+    (again,) = await backend.keepalive([sid])
+    assert again is not None
+    assert again.ended == ()  # told once
 
 
 async def test_a_waiter_ends_with_its_session(backend: lockd.Backend) -> None:
@@ -151,4 +184,4 @@ async def test_bad_session_input_is_refused_and_changes_nothing(backend: lockd.B
     with pytest.raises(lockd.InvalidRequest):
         await backend.open_session(0)
     assert (await backend.inspect(NS, "s-bad")).last_token == 0
-    assert await backend.keepalive([sid]) == [30]
+    assert ttls(await backend.keepalive([sid])) == [30]

@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar
 from lockd.backends import Backend, register_scheme
 from lockd.backends.base import AcquireRequest
 from lockd.errors import BackendUnavailable
-from lockd.model import Grant, HolderInfo, ResourceInfo
+from lockd.model import Grant, HolderInfo, KeepaliveAnswer, ResourceInfo
 
 __all__ = ["FAULTY", "FaultyBackend", "Mode", "Proxy", "Switch", "switch"]
 
@@ -406,7 +406,7 @@ class FaultyBackend(Backend):
     async def _open_session(self, ttl: float) -> str:
         return await self._through(lambda s: s.open_session(ttl))
 
-    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+    async def _keepalive(self, session_ids: list[str]) -> list[KeepaliveAnswer | None]:
         return await self._through(lambda s: s.keepalive(session_ids))
 
     async def _revoke_session(self, session_id: str) -> None:

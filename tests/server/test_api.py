@@ -389,6 +389,8 @@ def test_openapi_documents_the_real_statuses_and_bodies(http: httpx.Client) -> N
     kept = http.post("/v1/sessions/keepalive", json={"sessions": [opened["session"]]}).json()
     answers = routes[("post", "/v1/sessions/keepalive")]["responses"]
     assert set(_schema(spec, answers["200"])["properties"]) == set(kept)
+    kept_schema = spec["components"]["schemas"]["KeptSession"]
+    assert set(kept_schema["properties"]) == set(kept["sessions"][0])
     ended = http.delete(f"/v1/sessions/{opened['session']}").json()
     answers = routes[("delete", "/v1/sessions/{session}")]["responses"]
     assert set(_schema(spec, answers["200"])["properties"]) == set(ended)
@@ -420,9 +422,13 @@ def test_sessions_over_http(http: httpx.Client) -> None:
         assert r.status_code == 200, r.text
     for _ in range(4):  # 2 s: twice the ttl, kept by keepalives alone
         kept = http.post("/v1/sessions/keepalive", json={"sessions": [sid, "other"]})
-        assert kept.json() == {"ttls": [1, None]}
+        assert kept.json() == {"sessions": [{"ttl": 1, "ended": []}, None]}
         time.sleep(0.5)
     assert [h["owner"] for h in http.get("/v1/locks/s2").json()["holders"]] == ["a"]
+    assert http.delete("/v1/locks/s1").status_code == 200  # force-released: told once
+    kept = http.post("/v1/sessions/keepalive", json={"sessions": [sid]}).json()
+    ended = [{"namespace": "default", "name": "s1", "owner": "a", "token": 1, "reason": "revoked"}]
+    assert kept == {"sessions": [{"ttl": 1, "ended": ended}]}
     assert http.delete(f"/v1/sessions/{sid}").json() == {"session": sid, "revoked": True}
     assert http.get("/v1/locks/s1").json()["holders"] == []
     lost = acquire(http, "s1", owner="a", ttl=1, session=sid)

@@ -19,6 +19,7 @@ from lockd.model import (
     Capabilities,
     Grant,
     HolderInfo,
+    KeepaliveAnswer,
     ResourceInfo,
     SafetyLevel,
     check_limit,
@@ -200,11 +201,13 @@ class Backend(abc.ABC):
         self._need_sessions()
         return await self._open_session(check_ttl(ttl))
 
-    async def keepalive(self, session_ids: Sequence[str]) -> list[float | None]:
+    async def keepalive(self, session_ids: Sequence[str]) -> list[KeepaliveAnswer | None]:
         """Renew every session named for its ttl from now, in one call.
 
-        Answers, in order, each session's ttl, or None for one that has ended (its holds
-        and waiters ended with it).
+        Answers, in order, each live session's ttl and the holds it kept that ended
+        since its last keepalive (force-released, or released by another client), each
+        reported once; or None for a session that has ended (its holds and waiters
+        ended with it).
         """
         self._need_sessions()
         return await self._keepalive(check_session_ids(session_ids))
@@ -260,7 +263,7 @@ class Backend(abc.ABC):
     async def _open_session(self, ttl: float) -> str:
         raise NotImplementedError
 
-    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+    async def _keepalive(self, session_ids: list[str]) -> list[KeepaliveAnswer | None]:
         raise NotImplementedError
 
     async def _revoke_session(self, session_id: str) -> None:

@@ -36,8 +36,10 @@ from lockd.errors import (
 )
 from lockd.model import (
     Capabilities,
+    EndedHold,
     Grant,
     HolderInfo,
+    KeepaliveAnswer,
     ResourceInfo,
     SafetyLevel,
     WaiterInfo,
@@ -193,11 +195,11 @@ class HttpBackend(Backend):
         data = await self._call("POST", "/v1/sessions", json={"ttl": ttl})
         return str(data["session"])
 
-    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+    async def _keepalive(self, session_ids: list[str]) -> list[KeepaliveAnswer | None]:
         # One attempt, as for an extend: the caller renews again, and must hear at once.
         data = await self._call("POST", "/v1/sessions/keepalive", json={"sessions": session_ids},
                                 deadline=time.monotonic())  # fmt: skip
-        return [None if ttl is None else float(ttl) for ttl in data["ttls"]]
+        return [None if item is None else _keepalive_answer(item) for item in data["sessions"]]
 
     async def _revoke_session(self, session_id: str) -> None:
         await self._call("DELETE", f"/v1/sessions/{_path(session_id)}")
@@ -273,6 +275,16 @@ class HttpBackend(Backend):
                 raise error
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX)
+
+
+def _keepalive_answer(item: dict[str, Any]) -> KeepaliveAnswer:
+    ended = tuple(
+        EndedHold(
+            str(e["namespace"]), str(e["name"]), str(e["owner"]), int(e["token"]), str(e["reason"])
+        )
+        for e in item["ended"]
+    )
+    return KeepaliveAnswer(float(item["ttl"]), ended)
 
 
 def _path(name: str) -> str:

@@ -34,7 +34,7 @@ from typing import TypeVar, cast
 from lockd._core import RETENTION, Changes, Key, LockTable, Outcome, Waiter
 from lockd.backends.base import AcquireRequest, Backend
 from lockd.errors import AcquireTimeout, BackendUnavailable, NotHeld
-from lockd.model import Capabilities, Grant, HolderInfo, ResourceInfo, SafetyLevel
+from lockd.model import Capabilities, Grant, HolderInfo, KeepaliveAnswer, ResourceInfo, SafetyLevel
 
 __all__ = ["LocalBackend", "MemoryBackend"]
 
@@ -177,7 +177,7 @@ class LocalBackend(Backend):
         )
         return session_id
 
-    async def _keepalive(self, session_ids: list[str]) -> list[float | None]:
+    async def _keepalive(self, session_ids: list[str]) -> list[KeepaliveAnswer | None]:
         self._check()
         return await self._durably(
             None, lambda: (self._table.keepalive(session_ids, self._clock()), [])

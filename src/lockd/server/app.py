@@ -320,8 +320,10 @@ async def open_session(body: SessionBody, request: Request) -> JSONResponse:
     responses=responses(KeepaliveOut, *LOCK_ERRORS),
 )
 async def keepalive(body: KeepaliveBody, request: Request) -> JSONResponse:
-    """Each session's ttl from now, or null for one that has ended (with all it had)."""
-    return JSONResponse({"ttls": await _backend(request).keepalive(body.sessions)})
+    """Each session's ttl from now and the holds it kept that ended since, or null for
+    one that has ended (with all it had)."""
+    answers = await _backend(request).keepalive(body.sessions)
+    return JSONResponse({"sessions": [None if a is None else asdict(a) for a in answers]})
 
 
 @router.delete(

@@ -67,10 +67,29 @@ class SessionOut(BaseModel):
     ttl: float = Field(description="Seconds it lasts after its last keepalive.")
 
 
-class KeepaliveOut(BaseModel):
-    """Each session's ttl after the keepalive, in the order asked; null: it has ended."""
+class EndedHoldOut(BaseModel):
+    """A hold the session kept that ended while the session lived."""
 
-    ttls: list[float | None]
+    namespace: str
+    name: str
+    owner: str
+    token: int
+    reason: str = Field(description="revoked (force-released) or released (by another client).")
+
+
+class KeptSession(BaseModel):
+    """One live session after the keepalive."""
+
+    ttl: float = Field(description="Seconds it lasts from now unless kept alive again.")
+    ended: list[EndedHoldOut] = Field(
+        description="Holds it kept that ended since its last keepalive (each reported once)."
+    )
+
+
+class KeepaliveOut(BaseModel):
+    """Each session named, in order: kept, or null once it has ended (with all it had)."""
+
+    sessions: list[KeptSession | None]
 
 
 class SessionRevokedOut(BaseModel):
