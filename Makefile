@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/http_bench.py
 	$(PY) bench/redis_bench.py
 	$(PY) bench/holds_bench.py
+	$(PY) bench/session_holds_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
