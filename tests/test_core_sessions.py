@@ -312,3 +312,34 @@ def test_restore_gives_each_lease_its_full_ttl_and_the_holds_rejoin_their_sessio
     assert holders(restored, A, 114.0) == [("alice", 1, 1, 1.0)]  # renewed with its session
     restored.revoke_session("s", 114.0)
     assert holders(restored, A, 114.0) == []
+
+
+def test_a_sweep_looks_only_at_the_names_whose_own_lease_came_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A million holds in sessions must not cost a million looks per sweep."""
+    table: Table = LockTable()
+    table.open_session("s", 10.0, 0.0)
+    for i in range(100):
+        assert table.acquire(("default", f"k{i}"), "o", 10.0, 1, 0.0, WALL, session_id="s")
+    assert table.acquire(A, "alice", 1.0, 1, 0.0, WALL) is not None
+    bob = table.acquire(B, "bob", 5.0, 1, 0.0, WALL)
+    assert bob is not None
+    assert table.extend(B, "bob", bob.token, 5.0, 0.5).ttl == 5.0  # its first expiry: stale
+    looked: list[Key | None] = []
+    drop_expired = table._drop_expired
+
+    def spy(now: float, key: Key | None = None) -> None:
+        looked.append(key)
+        drop_expired(now, key)
+
+    monkeypatch.setattr(table, "_drop_expired", spy)
+    table.expire(2.0)
+    assert looked == [A]
+    table.expire(5.2)
+    assert looked == [A, B]  # its old expiry came due: looked at, still held
+    assert holders(table, B, 5.2) == [("bob", bob.token, 1, pytest.approx(0.3))]
+    table.expire(5.5)
+    assert looked == [A, B, B]
+    assert holders(table, B, 5.5) == []
+    assert len(holders(table, ("default", "k7"), 5.5)) == 1

@@ -63,9 +63,12 @@ keepalive changes nothing durable: a restart gives every lease its full ttl).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from lockd.errors import (
@@ -188,19 +191,68 @@ class Waiter(Generic[W]):
     """The session it waits in: the hold it gets lives by it, and it ends with it."""
 
 
-@dataclass(slots=True)
 class NameRecord:
-    """What a name remembers for judging late calls: its last token, revocations, evictions."""
+    """What a name remembers for judging late calls: its last token, revocations, evictions.
 
-    last_token: int = 0
-    revoked: dict[int, None] = field(default_factory=dict)
-    """Force-released tokens, oldest first (bounded)."""
-    evicted: dict[str, None] = field(default_factory=dict)
-    """Owners whose latest hold on this name was force-released, oldest first (bounded)."""
+    Most names are never force-released, so the two records are made on first use (a
+    million held names would otherwise carry two million empty dicts).
+    """
+
+    __slots__ = ("_evicted", "_revoked", "last_token")
+
+    def __init__(self, last_token: int = 0, revoked: Iterable[int] = (),
+                 evicted: Iterable[str] = ()) -> None:  # fmt: skip
+        self.last_token = last_token
+        self._revoked: dict[int, None] | None = dict.fromkeys(revoked) or None
+        self._evicted: dict[str, None] | None = dict.fromkeys(evicted) or None
+
+    @property
+    def revoked(self) -> Mapping[int, None]:
+        """Force-released tokens, oldest first (bounded)."""
+        return self._revoked or _NOTHING
+
+    @property
+    def evicted(self) -> Mapping[str, None]:
+        """Owners whose latest hold on this name was force-released, oldest first (bounded)."""
+        return self._evicted or _NOTHING
+
+    def evict(self, token: int, owner: str) -> None:
+        """Record a force-released hold: its token and its owner."""
+        self._revoked = _add_bounded(self._revoked, token)
+        self._evicted = _add_bounded(self._evicted, owner)
+
+    def forgive(self, owner: str) -> None:
+        """``owner`` was granted the name again: its eviction no longer speaks for it."""
+        if self._evicted is not None:
+            self._evicted.pop(owner, None)
+
+    def merge(self, other: NameRecord) -> None:
+        """Take in what ``other`` (read back from disk) remembers."""
+        self.last_token = max(self.last_token, other.last_token)
+        for token in other.revoked:
+            self._revoked = _add_bounded(self._revoked, token)
+        for owner in other.evicted:
+            self._evicted = _add_bounded(self._evicted, owner)
 
     def copy(self) -> NameRecord:
         """An independent copy (for the writer)."""
-        return NameRecord(self.last_token, dict(self.revoked), dict(self.evicted))
+        return NameRecord(self.last_token, self.revoked, self.evicted)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NameRecord):
+            return NotImplemented
+        return (self.last_token, list(self.revoked), list(self.evicted)) == (
+            other.last_token, list(other.revoked), list(other.evicted)
+        )  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"NameRecord({self.last_token}, revoked={list(self.revoked)}, "
+                f"evicted={list(self.evicted)})")  # fmt: skip
+
+
+_NOTHING: Mapping[Any, None] = MappingProxyType({})
 
 
 @dataclass(slots=True)
@@ -245,6 +297,9 @@ class LockTable(Generic[W]):
         self._idle: OrderedDict[Key, float] = OrderedDict()
         """Names with a record and no resource, by when they went idle (oldest first)."""
         self._sessions: dict[str, Session] = {}
+        self._due: list[tuple[float, Key]] = []
+        """(expiry, name) of every own lease set: a heap the sweep pops (entries of a lease
+        since replaced are popped at their time and find nothing to do)."""
         self._dirty_holds: dict[HoldKey, Hold | None] = {}
         self._dirty_sessions: dict[str, float | None] = {}
         self._dirty_token = False
@@ -448,7 +503,7 @@ class LockTable(Generic[W]):
         if session is not None:
             self._attach(hold, session)
         else:
-            hold.own = Lease(ttl, now + ttl)
+            self._set_own(hold, Lease(ttl, now + ttl))
         self._dirty_holds[(*key, owner)] = hold
         return self._grant_of(key, hold, now, waited=0.0)
 
@@ -465,8 +520,7 @@ class LockTable(Generic[W]):
         for hold in evicted:
             self._drop(res, hold, "revoked")
             assert record is not None
-            _add_bounded(record.revoked, hold.token)
-            _add_bounded(record.evicted, hold.owner)
+            record.evict(hold.token, hold.owner)
         if record is not None:
             self._dirty_names[key] = record
         self._pending += self._settle(key, res, now)
@@ -475,12 +529,19 @@ class LockTable(Generic[W]):
     def expire(self, now: float, key: Key | None = None) -> list[tuple[Waiter[W], Outcome]]:
         """Drop holds past their ttl (of ``key``, or across the table, which also ends
         expired sessions and prunes idle names and old request ids); returns the handoffs."""
-        if key is None:
-            for session in [s for s in self._sessions.values() if s.expires <= now]:
-                self._end_session(session, now, "expired")
-        self._drop_expired(now, key)
-        if key is None:
-            self._prune(now)
+        if key is not None:
+            self._drop_expired(now, key)
+            return self.take_handoffs()
+        for session in [s for s in self._sessions.values() if s.expires <= now]:
+            self._end_session(session, now, "expired")
+        # Only the names whose own leases came due: a sweep costs what expires, not a
+        # look at every name (sessions' holds end with their sessions, above).
+        due: set[Key] = set()
+        while self._due and self._due[0][0] <= now:
+            due.add(heapq.heappop(self._due)[1])
+        for k in due:
+            self._drop_expired(now, k)
+        self._prune(now)
         return self.take_handoffs()
 
     def take_handoffs(self) -> list[tuple[Waiter[W], Outcome]]:
@@ -606,16 +667,14 @@ class LockTable(Generic[W]):
         self.last_token = max(self.last_token, last_token)
         for key, record in (names or {}).items():
             mine = self._records.setdefault(key, NameRecord())
-            mine.last_token = max(mine.last_token, record.last_token)
-            mine.revoked.update(record.revoked)
-            mine.evicted.update(record.evicted)
+            mine.merge(record)
             self.last_token = max(self.last_token, mine.last_token)
         for key, hold in holds:
             held = 0.0 if wall is None else max(0.0, wall - hold.acquired_at)
             hold.granted = now - held
             hold.key = key
             if hold.own is not None:
-                hold.own = Lease(hold.own.ttl, now + hold.own.ttl)
+                self._set_own(hold, Lease(hold.own.ttl, now + hold.own.ttl))
             hold.sessions = tuple(
                 self._sessions[s.id] for s in hold.sessions if s.id in self._sessions
             )
@@ -679,12 +738,13 @@ class LockTable(Generic[W]):
         if record is None:
             record = self._records[key] = NameRecord()
         record.last_token = self.last_token
-        record.evicted.pop(owner, None)
+        record.forgive(owner)
         self._dirty_names[key] = record
-        own = None if session is not None else Lease(ttl, now + ttl)
-        hold = Hold(key, owner, self.last_token, 1, own, (), res.limit, now, wall)
+        hold = Hold(key, owner, self.last_token, 1, None, (), res.limit, now, wall)
         if session is not None:
             self._attach(hold, session)
+        else:
+            self._set_own(hold, Lease(ttl, now + ttl))
         res.holds[owner] = hold
         self._dirty_holds[(*key, owner)] = hold
         return hold
@@ -734,8 +794,13 @@ class LockTable(Generic[W]):
         if session is not None:
             self._attach(hold, session)
         elif hold.own is None or now + ttl >= hold.own.expires:  # never shorter, nor its ttl
-            hold.own = Lease(ttl, now + ttl)
+            self._set_own(hold, Lease(ttl, now + ttl))
         self._dirty_holds[(*hold.key, hold.owner)] = hold
+
+    def _set_own(self, hold: Hold, lease: Lease) -> None:
+        """Give ``hold`` its own lease ``lease``; the sweep looks at its name when it ends."""
+        hold.own = lease
+        heapq.heappush(self._due, (lease.expires, hold.key))
 
     def _attach(self, hold: Hold, session: Session) -> None:
         if session not in hold.sessions:
@@ -855,11 +920,15 @@ class LockTable(Generic[W]):
             self._requests.popitem(last=False)
 
 
-def _add_bounded(records: dict[T, None], item: T) -> None:
+def _add_bounded(records: dict[T, None] | None, item: T) -> dict[T, None]:
+    """``records`` (made if None) with ``item`` added last, the oldest dropped past the bound."""
+    if records is None:
+        records = {}
     records.pop(item, None)
     records[item] = None
     while len(records) > MAX_NAME_RECORDS:
         del records[next(iter(records))]
+    return records
 
 
 def _copy(hold: Hold) -> Hold:
