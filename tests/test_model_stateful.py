@@ -717,6 +717,12 @@ class ConcurrentMachine(RuleBasedStateMachine):
             assert len(got) <= limit
 
     @invariant()
+    def the_names_with_waiters_are_kept_track_of(self) -> None:
+        table = self.backend._table
+        queued = {key for key in table._resources if table.waiters_of(key)}
+        assert set(table.waiting_keys()) == queued
+
+    @invariant()
     def new_tokens_rise_per_name(self) -> None:
         for name, seen in self.tokens.items():
             assert all(a < b for a, b in itertools.pairwise(seen)), (name, seen)

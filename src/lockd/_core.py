@@ -297,6 +297,8 @@ class LockTable(Generic[W]):
         self._idle: OrderedDict[Key, float] = OrderedDict()
         """Names with a record and no resource, by when they went idle (oldest first)."""
         self._sessions: dict[str, Session] = {}
+        self._waiting: set[Key] = set()
+        """Names with waiters (kept as queues change, so no sweep looks at every name)."""
         self._due: list[tuple[float, Key]] = []
         """(expiry, name) of every own lease set: a heap the sweep pops (entries of a lease
         since replaced are popped at their time and find nothing to do)."""
@@ -416,6 +418,7 @@ class LockTable(Generic[W]):
                     self._unlist(queued)
                     return queued
         res.waiters.append(waiter)
+        self._waiting.add(key)
         return None
 
     def dequeue(self, waiter: Waiter[W], now: float) -> list[tuple[Waiter[W], Outcome]]:
@@ -611,7 +614,7 @@ class LockTable(Generic[W]):
 
     def waiting_keys(self) -> list[Key]:
         """Resources that have waiters."""
-        return [key for key, res in self._resources.items() if res.waiters]
+        return list(self._waiting)
 
     def sizes(self) -> dict[str, int]:
         """How many resources, name records and request ids the table keeps (for tests)."""
@@ -768,6 +771,7 @@ class LockTable(Generic[W]):
     def _forget(self, key: Key, now: float) -> None:
         """Drop an idle resource; its name's record starts its retention."""
         self._resources.pop(key, None)
+        self._waiting.discard(key)
         if key in self._records:
             self._idle.pop(key, None)
             self._idle[key] = now
@@ -890,6 +894,8 @@ class LockTable(Generic[W]):
             )
             head.grant = self._grant_of(key, hold, now, waited=now - head.enqueued)
             handoffs.append((head, head.grant))
+        if not res.waiters:  # every way out of a queue ends here
+            self._waiting.discard(key)
         if not (res.holds or res.waiters) and self._resources.get(key) is res:
             self._forget(key, now)
         return handoffs

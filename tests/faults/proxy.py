@@ -372,34 +372,30 @@ class FaultyBackend(Backend):
 
         return await self._through(call)
 
-    async def _release(
-        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
-    ) -> int:
-        return await self._through(lambda s: s.release(namespace, name, owner, token, request_id))
-
     async def _abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
         await self._through(lambda s: s.abandon(namespace, name, owner, request_id))
 
-    async def _extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
-    ) -> Grant:
-        return await self._through(lambda s: s.extend(namespace, name, owner, token, ttl))
-
-    async def _release_in_session(
+    async def _release(
         self,
         namespace: str,
         name: str,
         owner: str,
         token: int | None,
         request_id: str | None,
-        session: str,
+        session: str | None,
     ) -> int:
         return await self._through(
             lambda s: s.release(namespace, name, owner, token, request_id, session)
         )
 
-    async def _extend_in_session(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
+    async def _extend(
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        session: str | None,
     ) -> Grant:
         return await self._through(lambda s: s.extend(namespace, name, owner, token, ttl, session))
 

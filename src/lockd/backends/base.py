@@ -154,10 +154,7 @@ class Backend(abc.ABC):
         """
         args = (check_namespace(namespace), check_name(name), check_owner(owner),
                 _check_token(token), check_request_id(request_id))  # fmt: skip
-        sid = self._check_session(session)
-        if sid is None:
-            return await self._release(*args)
-        return await self._release_in_session(*args, sid)
+        return await self._release(*args, self._check_session(session))
 
     async def abandon(self, namespace: str, name: str, owner: str, request_id: str) -> None:
         """Undo the acquire ``request_id`` whose caller has gone, whatever it reached.
@@ -186,10 +183,7 @@ class Backend(abc.ABC):
         A hold lasts until the last of its leases ends: its own and its sessions."""
         args = (check_namespace(namespace), check_name(name), check_owner(owner),
                 _check_token(token), check_ttl(ttl))  # fmt: skip
-        sid = self._check_session(session)
-        if sid is None:
-            return await self._extend(*args)
-        return await self._extend_in_session(*args, sid)
+        return await self._extend(*args, self._check_session(session))
 
     async def open_session(self, ttl: float) -> str:
         """Open a session of ``ttl`` seconds and return its id.
@@ -274,7 +268,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def _release(
-        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str | None,
     ) -> int: ...
 
     @abc.abstractmethod
@@ -282,24 +282,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def _extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
-    ) -> Grant: ...
-
-    async def _release_in_session(
         self,
         namespace: str,
         name: str,
         owner: str,
         token: int | None,
-        request_id: str | None,
-        session: str,
-    ) -> int:
-        raise NotImplementedError
-
-    async def _extend_in_session(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float, session: str
-    ) -> Grant:
-        raise NotImplementedError
+        ttl: float,
+        session: str | None,
+    ) -> Grant: ...
 
     @abc.abstractmethod
     async def _inspect(self, namespace: str, name: str) -> ResourceInfo: ...

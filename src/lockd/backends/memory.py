@@ -116,11 +116,6 @@ class LocalBackend(Backend):
             raise
 
     async def _release(
-        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
-    ) -> int:
-        return await self._release_in_session(namespace, name, owner, token, request_id, None)
-
-    async def _release_in_session(
         self,
         namespace: str,
         name: str,
@@ -149,11 +144,6 @@ class LocalBackend(Backend):
         await self._durably(key, step)
 
     async def _extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
-    ) -> Grant:
-        return await self._extend_in_session(namespace, name, owner, token, ttl, None)
-
-    async def _extend_in_session(
         self,
         namespace: str,
         name: str,

@@ -304,7 +304,13 @@ class RedisBackend(Backend):
             self._delivered.pop(attempt, None)
 
     async def _release(
-        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str | None,  # always None: Backend refuses sessions this store does not keep
     ) -> int:
         reply = await self.run_script(
             "RELEASE", namespace, name, owner, token or 0, request_id or ""
@@ -317,7 +323,13 @@ class RedisBackend(Backend):
         await self.run_script("ABANDON", namespace, name, owner, request_id)
 
     async def _extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        session: str | None,  # always None: Backend refuses sessions this store does not keep
     ) -> Grant:
         ttl_ms = max(1, round(ttl * 1000))
         reply = await self.run_script("EXTEND", namespace, name, owner, token or 0, ttl_ms)

@@ -604,7 +604,13 @@ class RedlockBackend(Backend):
         self._check_reached(sum(1 for r in replies.values() if r is not _DOWN), "abandon")
 
     async def _release(
-        self, namespace: str, name: str, owner: str, token: int | None, request_id: str | None
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        request_id: str | None,
+        session: str | None,  # always None: Backend refuses sessions this store does not keep
     ) -> int:
         replies = await self._fan_run(
             "RELEASE", namespace, name, owner, token or 0, request_id or ""
@@ -621,7 +627,13 @@ class RedlockBackend(Backend):
         raise self._refusal(replies, len(left), self._majority, "release", name, owner, token)
 
     async def _extend(
-        self, namespace: str, name: str, owner: str, token: int | None, ttl: float
+        self,
+        namespace: str,
+        name: str,
+        owner: str,
+        token: int | None,
+        ttl: float,
+        session: str | None,  # always None: Backend refuses sessions this store does not keep
     ) -> Grant:
         ttl_ms = max(1, round(ttl * 1000))
         sent = time.monotonic()
