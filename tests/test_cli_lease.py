@@ -61,7 +61,7 @@ def dead(pid: int) -> bool:
     """True once ``pid`` has exited (gone, or a zombie not yet reaped)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before, or while, it was read
         return True
 
 
