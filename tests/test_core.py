@@ -442,7 +442,8 @@ def test_take_changes_reports_exactly_what_changed() -> None:
     assert set(changes.holds) == {(NS, "a", "alice")}
     hold = changes.holds[(NS, "a", "alice")]
     assert hold is not None
-    assert (hold.owner, hold.token, hold.count, hold.ttl, hold.limit) == ("alice", 1, 1, 5.0, 1)
+    assert hold.own is not None
+    assert (hold.owner, hold.token, hold.count, hold.own.ttl, hold.limit) == ("alice", 1, 1, 5.0, 1)
     assert hold.acquired_at == WALL
     assert changes.last_token == 1
     assert set(changes.names) == {A}

@@ -11,15 +11,11 @@ import pytest
 
 from lockd._core import Hold, Key, LockTable, Outcome, Waiter
 from lockd.errors import InvalidRequest, LockLost, NotHeld, SessionLost
-from lockd.model import Grant, KeepaliveAnswer
+from lockd.model import Grant
+from tests.conformance.helpers import ttls
 from tests.test_core import WALL, A, B, Table, holders
 
 C: Key = ("default", "c")
-
-
-def ttls(answers: list[KeepaliveAnswer | None]) -> list[float | None]:
-    """The ttl of each session a keepalive answered (None: ended)."""
-    return [None if answer is None else answer.ttl for answer in answers]
 
 
 def session_waiter(

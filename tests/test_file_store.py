@@ -13,16 +13,10 @@ import pytest
 import lockd
 from lockd.backends import require_safety
 from lockd.backends.file import FileBackend
-from lockd.model import KeepaliveAnswer
-from tests.conformance.helpers import bqueued
+from tests.conformance.helpers import bqueued, ttls
 from tests.faults.filewriter import Gate
 
 NS = "default"
-
-
-def ttls(answers: list[KeepaliveAnswer | None]) -> list[float | None]:
-    """The ttl of each session a keepalive answered (None: ended)."""
-    return [None if answer is None else answer.ttl for answer in answers]
 
 
 async def opened(path: Path, **options: Any) -> FileBackend:

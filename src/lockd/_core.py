@@ -165,13 +165,6 @@ class Hold:
             end = max(end, session.expires)
         return end
 
-    @property
-    def ttl(self) -> float:
-        """The ttl of its own lease, else of its longest session (for display)."""
-        if self.own is not None:
-            return self.own.ttl
-        return max((session.ttl for session in self.sessions), default=0.0)
-
 
 @dataclass(slots=True, eq=False)
 class Waiter(Generic[W]):

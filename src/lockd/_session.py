@@ -555,8 +555,8 @@ class Session:
                 hold.unheard(sent, ttl)  # maybe applied, maybe not
                 self._watch(hold)  # renewal goes on with the hold's ttl
             raise
-        if hold is not None and not hold.ended:  # released meanwhile: it stays so
-            hold.extended(sent, ttl, grant.ttl)
+        if hold is not None:
+            hold.extended(sent, ttl, grant.ttl)  # released meanwhile: it stays so
             self._watch(hold)
         return hold
 

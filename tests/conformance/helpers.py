@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import lockd
+from lockd.model import KeepaliveAnswer
 
 T = TypeVar("T")
 
@@ -127,3 +128,8 @@ def start(fn: Callable[[], T], name: str = "conformance-worker") -> Worker[T]:
     worker = Worker(fn, name)
     worker.start()
     return worker
+
+
+def ttls(answers: list[KeepaliveAnswer | None]) -> list[float | None]:
+    """The ttl of each session a keepalive answered (None: ended)."""
+    return [None if answer is None else answer.ttl for answer in answers]

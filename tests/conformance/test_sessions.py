@@ -12,15 +12,10 @@ import time
 import pytest
 
 import lockd
-from lockd.model import MAX_KEEPALIVE, KeepaliveAnswer
-from tests.conformance.helpers import NS, SLACK, bqueued
+from lockd.model import MAX_KEEPALIVE
+from tests.conformance.helpers import NS, SLACK, bqueued, ttls
 
 TTL = 0.5
-
-
-def ttls(answers: list[KeepaliveAnswer | None]) -> list[float | None]:
-    """The ttl of each session a keepalive answered (None: ended)."""
-    return [None if answer is None else answer.ttl for answer in answers]
 
 
 async def refuses_sessions(backend: lockd.Backend) -> bool:
